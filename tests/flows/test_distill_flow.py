@@ -1,0 +1,112 @@
+"""The whole DAG on a tiny model, run twice through the CLI in fresh processes with a temporary Prefect
+server each time and one MLflow SQLite store: runs, metrics and table land, and the second run hits the
+teacher cache (it records encoding nothing with the teacher)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tasks.report import METRIC_COLUMNS
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run_cli(config_file: Path, prefect_home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "HF_HUB_OFFLINE": "1"}
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config_file)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_model_dir, data_dir):
+    tmp = tmp_path_factory.mktemp("flow")
+    config = tiny_config(tiny_model_dir, data_dir, tmp)
+    config_file = tmp / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    results = [_run_cli(config_file, tmp / f"prefect-{i}") for i in range(2)]
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    mlflow.set_tracking_uri(config["tracking"]["tracking_uri"])
+    experiment = mlflow.get_experiment_by_name("test")
+    parents = mlflow.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.`mlflow.parentRunId` IS NULL",
+        order_by=["attributes.start_time ASC"],
+        output_format="list",
+    )
+    return config, experiment, parents, results
+
+
+def test_one_parent_run_per_flow_run_with_config_and_tags(two_runs) -> None:
+    _, _, parents, _ = two_runs
+    assert len(parents) == 2
+    for parent in parents:
+        assert parent.info.status == "FINISHED"
+        assert parent.data.params["teacher.model"].endswith("st")
+        assert parent.data.params["data.corpus_wiki_sentences"] == "200"
+        assert parent.data.tags["prefect.flow_run_id"]
+        assert parent.data.tags["prefect.flow_run_name"] in parent.info.run_name
+
+
+def test_child_run_per_variant_with_stable_metrics(two_runs) -> None:
+    _, experiment, parents, _ = two_runs
+    children = mlflow.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'",
+        output_format="list",
+    )
+    assert sorted(c.info.run_name for c in children) == ["ends", "layers-2of4", "teacher"]
+    for child in children:
+        assert set(METRIC_COLUMNS) <= set(child.data.metrics)
+    teacher = next(c for c in children if c.info.run_name == "teacher")
+    assert teacher.data.metrics["speedup_vs_teacher"] == 1.0
+    assert teacher.data.metrics["sts_test_retention_pct"] == 100.0
+    student = next(c for c in children if c.info.run_name == "ends")
+    assert student.data.params["layers"] == "0,3"
+    artifacts = {a.path for a in MlflowClient().list_artifacts(student.info.run_id, "model")}
+    assert "model/modules.json" in artifacts
+
+
+def test_tradeoff_table_and_report_files_on_parent(two_runs) -> None:
+    _, _, parents, _ = two_runs
+    client = MlflowClient()
+    run_id = parents[0].info.run_id
+    local = client.download_artifacts(run_id, "tradeoff_table.json")
+    table = json.loads(Path(local).read_text())
+    assert len(table["data"]) == 3  # teacher + two students
+    report = {a.path for a in client.list_artifacts(run_id, "report")}
+    assert {
+        "report/tradeoff.csv",
+        "report/tradeoff.md",
+        "report/tradeoff.png",
+        "report/variants.png",
+    } <= report
+
+
+def test_second_run_hits_the_teacher_cache(two_runs) -> None:
+    _, _, parents, results = two_runs
+    first, second = (p.data.metrics["teacher_sentences_encoded"] for p in parents)
+    assert first == 200 + 60  # corpus + held-out sentences, encoded once
+    assert second == 0
+    assert "teacher cache hit" in results[1].stdout + results[1].stderr
+
+
+def test_cli_prints_the_table(two_runs) -> None:
+    _, _, _, results = two_runs
+    out = results[0].stdout + results[0].stderr
+    assert "Trade-off table" in out and "| teacher" in out and "| ends" in out
