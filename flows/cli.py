@@ -65,19 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         return 0
 
-    from tasks.data import DataError
-    from tasks.models import ModelReferenceError
     from tasks.preflight import check_inputs
-    from tasks.students import LayerSpecError
 
     try:
         check_inputs(config)  # seconds, before a Prefect server starts; the flow checks again
-        from flows.distill import distill
-
-        distill(config)
-    except (ModelReferenceError, LayerSpecError, DataError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # every input error names the field or file and the fix
         print(f"distill: {exc}", file=sys.stderr)
         return 2
+    from flows.distill import distill
+
+    distill(config)
     return 0
 
 

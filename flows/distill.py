@@ -9,7 +9,8 @@ import mlflow
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.benchmark import Variant, evaluate_quality_task, measure_throughput_task
+from tasks.benchmark import evaluate_all, evaluate_group_task, measure_throughput_task
+from tasks.compress import compress_variants
 from tasks.config import DistillConfig, load_config
 from tasks.data import prepare_data
 from tasks.preflight import check_inputs_task
@@ -17,6 +18,7 @@ from tasks.report import build_table, format_table, write_report
 from tasks.students import train_student
 from tasks.teacher_cache import cache_teacher_embeddings
 from tasks.tracking import log_results, parent_run, setup_experiment
+from tasks.variants import Variant
 
 
 @flow(name="distill-embeddings", log_prints=True)
@@ -72,18 +74,24 @@ def distill(config: DistillConfig | None = None) -> dict[str, object]:
         ]
 
         teacher = Variant("teacher", "teacher", plan.teacher_dir, params={"model": config.teacher.model})
-        variants = [teacher] + [
+        bases = [teacher] + [
             Variant(
                 s.name,
                 "layer-reduced",
                 s.model_dir,
                 parent="teacher",
-                params={"layers": ",".join(map(str, s.layers)), "num_layers": str(len(s.layers))},
+                params={
+                    "layers": ",".join(map(str, s.layers)),
+                    "num_layers": str(len(s.layers)),
+                    "lineage": f"teacher > {s.name}",
+                },
                 build_seconds=s.train_seconds,
             )
             for s in students
         ]
-        quality = [evaluate_quality_task(v, data, heldout_emb, config.benchmark.batch_size) for v in variants]
+        compressed = compress_variants(bases, config.compress, data, corpus_emb, run_dir / "compressed")
+        variants = bases + compressed
+        quality = evaluate_all(variants, data, heldout_emb, config.benchmark.batch_size, evaluate_group_task)
         speed = measure_throughput_task(variants, data, config.benchmark)
 
         table = build_table(variants, quality, speed)

@@ -1,9 +1,14 @@
-"""Benchmark variants: STS-B quality, MSE to the teacher, speed, size; the teacher measured in the same run.
+"""Benchmark variants: STS quality, MSE to the teacher, speed, size; the teacher measured in the same run.
 
-Quality uses sentence-transformers' ``EmbeddingSimilarityEvaluator`` and ``MSEEvaluator``. Speed encodes a
-fixed list of held-out sentences with the same batch size for every variant, after a warm-up, and the
-repeats are interleaved across variants (teacher, s1, s2, teacher, s1, s2, ...) so that machine noise
-hits all of them alike; the median is reported.
+Quality: STS-B dev/test and every held-out suite, Spearman/Pearson between the gold scores and the
+similarity suited to the variant's storage (cosine for float32 and int8 vectors, -Hamming for binary
+ones), as sentence-transformers' ``EmbeddingSimilarityEvaluator`` computes them for float vectors; MSE to
+the teacher on held-out sentences as ``MSEEvaluator`` reports it (x100). Variants that run the same model
+(e.g. a model and its int8-embedding version) share one encoding of the evaluation sentences.
+
+Speed: a fixed list of held-out sentences, the same batch size for every variant, after a warm-up; repeats
+are interleaved across variants (teacher, s1, s2, teacher, s1, s2, ...) so that machine noise hits all of
+them alike; the median is reported. Quantizing the output vectors is part of the timed work.
 """
 
 from __future__ import annotations
@@ -13,32 +18,30 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from prefect import task
+from scipy.stats import pearsonr, spearmanr
 from tqdm.auto import tqdm
 
 from tasks.config import BenchmarkConfig
-from tasks.data import PreparedData, read_lines, read_sts
-from tasks.models import dir_size_bytes, load_sentence_transformer
+from tasks.data import PreparedData, StsPairs, read_lines, read_sts
 from tasks.teacher_cache import CachedEmbeddings
+from tasks.variants import (
+    Variant,
+    bytes_per_vector,
+    encode,
+    load_model,
+    pair_similarity,
+    quantize,
+    size_bytes,
+)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One model in the trade-off table."""
-
-    name: str
-    kind: str  # teacher / layer-reduced / ...
-    model_dir: Path
-    parent: str | None = None
-    params: dict[str, str] = field(default_factory=dict)
-    build_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -47,70 +50,113 @@ class QualityResult:
     sts_dev_pearson: float
     sts_test_spearman: float
     sts_test_pearson: float
-    mse_to_teacher: float  # MSEEvaluator's figure: mean squared error * 100
+    mse_to_teacher: float  # MSEEvaluator's figure: mean squared error * 100; NaN where not comparable
     dim: int
     bytes_per_vector: int
     parameters: int
     size_mb: float
+    heldout_spearman: dict[str, float] | None = None  # held-out suite name -> Spearman
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
-class _CachedTeacher:
-    """Stands in for the teacher in ``MSEEvaluator``: returns the cached embeddings instead of encoding."""
-
-    def __init__(self, embeddings: np.ndarray) -> None:
-        self._embeddings = embeddings
-
-    def encode(self, sentences: list[str], **_: object) -> np.ndarray:
-        if len(sentences) != len(self._embeddings):
-            raise ValueError("cached teacher embeddings do not match the held-out sentences")
-        return np.asarray(self._embeddings, dtype=np.float32)
+def encoder_key(variant: Variant) -> tuple[str, str, str]:
+    """Variants with the same key run the same network and differ only in how vectors are stored."""
+    return (str(variant.model_dir), variant.backend, variant.onnx_file or "")
 
 
-def evaluate_quality(
-    variant: Variant, data: PreparedData, heldout_teacher: CachedEmbeddings, batch_size: int = 64
-) -> QualityResult:
-    from sentence_transformers.sentence_transformer import evaluation
+def _score(pairs: StsPairs, lookup: dict[str, np.ndarray], variant: Variant) -> tuple[float, float]:
+    a = np.stack([lookup[s] for s in pairs.sentences1])
+    b = np.stack([lookup[s] for s in pairs.sentences2])
+    sims = pair_similarity(a, b, variant.precision)
+    return float(spearmanr(sims, pairs.scores)[0]), float(pearsonr(sims, pairs.scores)[0])
 
-    model = load_sentence_transformer(variant.model_dir)
-    scores: dict[str, float] = {}
-    for split in ("dev", "test"):
-        pairs = read_sts(data.sts_file(split))
-        evaluator = evaluation.EmbeddingSimilarityEvaluator(
-            pairs.sentences1, pairs.sentences2, pairs.scores, name=f"sts-{split}", batch_size=batch_size
-        )
-        result = evaluator(model)
-        scores[f"sts_{split}_spearman"] = float(result[f"sts-{split}_spearman_cosine"])
-        scores[f"sts_{split}_pearson"] = float(result[f"sts-{split}_pearson_cosine"])
 
+def evaluate_group(
+    variants: list[Variant], data: PreparedData, heldout_teacher: CachedEmbeddings, batch_size: int = 64
+) -> list[QualityResult]:
+    """Quality of variants that share one network (one encoding of all evaluation sentences)."""
+    if len({encoder_key(v) for v in variants}) != 1:
+        raise ValueError("evaluate_group takes variants of one network only")
+    model = load_model(variants[0])
+    sets = {f"sts_{split}": read_sts(data.sts_file(split)) for split in ("dev", "test")}
+    suites = {name: read_sts(data.suite_file(name)) for name in data.heldout_suites}
     heldout = read_lines(data.heldout_file)
-    dim = int(model.get_embedding_dimension() or 0)
-    teacher_emb = heldout_teacher.load()
-    if dim == heldout_teacher.dim:
-        mse = evaluation.MSEEvaluator(
-            heldout, heldout, teacher_model=_CachedTeacher(teacher_emb), name="heldout", batch_size=batch_size
-        )(model)["heldout_negative_mse"]
-        mse_value = -float(mse)
-    else:  # another embedding space: the teacher's MSE is undefined there
-        mse_value = float("nan")
-    return QualityResult(
-        **scores,
-        mse_to_teacher=mse_value,
-        dim=dim,
-        bytes_per_vector=dim * 4,  # float32 vectors
-        parameters=sum(p.numel() for p in model.parameters()),
-        size_mb=dir_size_bytes(variant.model_dir) / 1e6,
+    sentences = list(
+        dict.fromkeys(s for p in [*sets.values(), *suites.values()] for s in p.sentences1 + p.sentences2)
     )
+    start = time.perf_counter()
+    floats = model.encode(sentences, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+    heldout_floats = model.encode(
+        heldout, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
+    )
+    log.info(
+        "encoded %d evaluation sentences with %s in %.1f s",
+        len(sentences) + len(heldout),
+        variants[0].name,
+        time.perf_counter() - start,
+    )
+    parameters = sum(p.numel() for p in model.parameters()) if variants[0].backend == "torch" else 0
+    if variants[0].backend == "onnx":
+        parameters = _onnx_parameters(variants[0])
+    teacher = np.asarray(heldout_teacher.load(), dtype=np.float32)
+
+    results = []
+    for variant in variants:
+        lookup = dict(zip(sentences, quantize(floats, variant), strict=True))
+        scores = {}
+        for prefix, pairs in sets.items():
+            scores[f"{prefix}_spearman"], scores[f"{prefix}_pearson"] = _score(pairs, lookup, variant)
+        heldout_scores = {name: _score(pairs, lookup, variant)[0] for name, pairs in suites.items()}
+        comparable = variant.precision == "float32" and heldout_floats.shape[1] == teacher.shape[1]
+        mse = float(((teacher - heldout_floats) ** 2).mean() * 100) if comparable else float("nan")
+        dim = int(floats.shape[1])
+        results.append(
+            QualityResult(
+                **scores,
+                mse_to_teacher=mse,
+                dim=dim,
+                bytes_per_vector=bytes_per_vector(dim, variant.precision),
+                parameters=parameters,
+                size_mb=size_bytes(variant) / 1e6,
+                heldout_spearman=heldout_scores,
+            )
+        )
+    return results
+
+
+def _onnx_parameters(variant: Variant) -> int:
+    import onnx
+
+    graph = onnx.load(str(Path(variant.model_dir) / str(variant.onnx_file)), load_external_data=False).graph
+    return int(sum(np.prod(t.dims) for t in graph.initializer if len(t.dims) > 0))
 
 
 @task(name="evaluate-quality")
-def evaluate_quality_task(
-    variant: Variant, data: PreparedData, heldout_teacher: CachedEmbeddings, batch_size: int = 64
-) -> QualityResult:
-    """STS-B dev/test Spearman and Pearson, MSE to the teacher, dimension, size of one variant."""
-    return evaluate_quality(variant, data, heldout_teacher, batch_size)
+def evaluate_group_task(
+    variants: list[Variant], data: PreparedData, heldout_teacher: CachedEmbeddings, batch_size: int = 64
+) -> list[QualityResult]:
+    """STS-B and held-out Spearman, MSE to the teacher, dimension and size of variants of one network."""
+    return evaluate_group(variants, data, heldout_teacher, batch_size)
+
+
+def evaluate_all(
+    variants: list[Variant],
+    data: PreparedData,
+    heldout_teacher: CachedEmbeddings,
+    batch_size: int = 64,
+    evaluate: Callable[..., list[QualityResult]] = evaluate_group,
+) -> list[QualityResult]:
+    """Quality of every variant, in variant order; one ``evaluate`` call per network (the flow: the task)."""
+    groups: dict[tuple[str, str, str], list[Variant]] = {}
+    for variant in variants:
+        groups.setdefault(encoder_key(variant), []).append(variant)
+    by_name: dict[str, QualityResult] = {}
+    for group in groups.values():
+        for variant, result in zip(group, evaluate(group, data, heldout_teacher, batch_size), strict=True):
+            by_name[variant.name] = result
+    return [by_name[v.name] for v in variants]
 
 
 @dataclass(frozen=True)
@@ -134,19 +180,23 @@ def measure_throughput(variants: list[Variant], data: PreparedData, config: Benc
             len(sentences),
             config.speed_sentences,
         )
-    models = {v.name: load_sentence_transformer(v.model_dir) for v in variants}
-    for name, model in models.items():
+    models = {}
+    for variant in variants:
+        shared = next(
+            (models[v.name] for v in variants if v.name in models and encoder_key(v) == encoder_key(variant)),
+            None,
+        )
+        models[variant.name] = shared or load_model(variant)
         warm = sentences[: config.batch_size * config.warmup_batches]
         if warm:
-            model.encode(warm, batch_size=config.batch_size)
-        log.info("warmed up %s", name)
-    timings: dict[str, list[float]] = {name: [] for name in models}
-    with tqdm(total=config.repeats * len(models), desc="throughput", unit="run") as bar:
+            encode(models[variant.name], variant, warm, config.batch_size)
+    timings: dict[str, list[float]] = {v.name: [] for v in variants}
+    with tqdm(total=config.repeats * len(variants), desc="throughput", unit="run") as bar:
         for _ in range(config.repeats):
-            for name, model in models.items():
+            for variant in variants:
                 start = time.perf_counter()
-                model.encode(sentences, batch_size=config.batch_size, convert_to_numpy=True)
-                timings[name].append(time.perf_counter() - start)
+                encode(models[variant.name], variant, sentences, config.batch_size)
+                timings[variant.name].append(time.perf_counter() - start)
                 bar.update(1)
     per_second = {name: len(sentences) / statistics.median(t) for name, t in timings.items()}
     for name, value in per_second.items():

@@ -51,6 +51,11 @@ class DataConfig(_Frozen):
         heldout_sentences: Wikipedia sentences after the corpus, never trained on: MSE to the teacher and
             the throughput benchmark use them.
         max_eval_pairs: Cap STS-B dev/test pairs (for smoke tests); ``None`` uses every pair.
+        heldout_suites: Extra STS-style evaluation files (``dataset subset line score sentence1 sentence2``
+            columns, like ``sts12-16.tsv.gz``), relative to ``data_dir`` or absolute; one column per
+            ``dataset`` value. Never used for training or model selection.
+        heldout_suite_max_pairs: Pairs scored per held-out dataset (a fixed, seeded random sample across its
+            subsets); ``None`` scores all.
     """
 
     source: Literal["local", "hub"] = "local"
@@ -59,6 +64,8 @@ class DataConfig(_Frozen):
     include_stsb_train: bool = True
     heldout_sentences: int = Field(default=1_000, ge=10)
     max_eval_pairs: int | None = Field(default=None, ge=10)
+    heldout_suites: tuple[str, ...] = ("sts12-16.tsv.gz",)
+    heldout_suite_max_pairs: int | None = Field(default=500, ge=10)
 
     @model_validator(mode="after")
     def _local_needs_dir(self) -> DataConfig:
@@ -114,7 +121,7 @@ class TrainingConfig(_Frozen):
 
     epochs: float = Field(default=1.0, gt=0)
     batch_size: int = Field(default=64, ge=1)
-    learning_rate: float = Field(default=1e-4, gt=0, lt=1)
+    learning_rate: float = Field(default=2e-4, gt=0, lt=1)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     evaluations_per_epoch: int = Field(default=3, ge=1)
     seed: int = 42
@@ -136,6 +143,41 @@ class BenchmarkConfig(_Frozen):
     repeats: int = Field(default=3, ge=1)
     warmup_batches: int = Field(default=2, ge=0)
     threads: int | None = Field(default=None, ge=1)
+
+
+class CompressionConfig(_Frozen):
+    """Compressions applied after training; each result is a row of its own in the table.
+
+    Args:
+        targets: Variants (``teacher`` or a student name) that get ONNX export, ONNX int8, embedding
+            quantization and the chain ONNX int8 -> int8 embeddings.
+        pca_targets: Variants that get the PCA sweep.
+        pca_dims: Output dimensions of the PCA sweep.
+        pca_fit_sentences: Corpus sentences the PCA (and int8 calibration) is fitted on.
+        onnx: Export each target to ONNX fp32.
+        onnx_int8: ONNX Runtime dynamic int8 quantization of each target.
+        onnx_kernel: int8 kernel variant; ``auto`` picks the best one this CPU has.
+        embedding_precisions: Embedding quantization of each target: int8 (calibrated ranges, cosine) and
+            ubinary (1 bit per dimension, Hamming).
+        chain: Also ONNX int8 model + int8 embeddings for each target.
+    """
+
+    targets: tuple[str, ...] = ("teacher", "layers-3of6")
+    pca_targets: tuple[str, ...] = ("teacher",)
+    pca_dims: tuple[int, ...] = (256, 128, 64, 32)
+    pca_fit_sentences: int = Field(default=5_000, ge=10)
+    onnx: bool = True
+    onnx_int8: bool = True
+    onnx_kernel: Literal["auto", "avx2", "avx512", "avx512_vnni", "arm64"] = "auto"
+    embedding_precisions: tuple[Literal["int8", "ubinary"], ...] = ("int8", "ubinary")
+    chain: bool = True
+
+    @field_validator("pca_dims")
+    @classmethod
+    def _positive_dims(cls, dims: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+            raise ValueError(f"compress.pca_dims {list(dims)}: give distinct positive dimensions")
+        return dims
 
 
 class TrackingConfig(_Frozen):
@@ -164,6 +206,7 @@ class DistillConfig(_Frozen):
         data: STS benchmark and distillation corpus.
         students: Layer-reduced students to train.
         training: Student training settings.
+        compress: PCA, model quantization and embedding quantization.
         benchmark: Speed measurement settings.
         tracking: MLflow settings.
     """
@@ -178,6 +221,7 @@ class DistillConfig(_Frozen):
         StudentSpec(num_layers=1),
     )
     training: TrainingConfig = TrainingConfig()
+    compress: CompressionConfig = CompressionConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -202,6 +246,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data": {"corpus_wiki_sentences": 100_000},
         "students": [{"num_layers": n} for n in (8, 6, 4, 3, 2, 1)],
         "training": {"batch_size": 32, "evaluations_per_epoch": 5},
+        "compress": {"targets": ["teacher", "layers-4of12"], "pca_dims": [512, 256, 128, 64]},
     },
 }
 

@@ -12,10 +12,11 @@ import gzip
 import hashlib
 import json
 import logging
+import random
 import shutil
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import task
@@ -62,8 +63,13 @@ class PreparedData:
     def heldout_file(self) -> Path:
         return self.root / "heldout.txt"
 
+    heldout_suites: dict[str, int] = field(default_factory=dict)
+
     def sts_file(self, split: str) -> Path:
         return self.root / f"stsb-{split}.jsonl"
+
+    def suite_file(self, name: str) -> Path:
+        return self.root / f"heldout-{name}.jsonl"
 
 
 # --- reading -------------------------------------------------------------------------------------------
@@ -159,6 +165,37 @@ def find_file(data_dir: Path | None, names: tuple[str, ...], what: str) -> Path:
     )
 
 
+def read_heldout_suites(config: DataConfig) -> dict[str, StsPairs]:
+    """Extra STS-style evaluation sets, one per ``dataset`` value (or file stem), sampled per config."""
+    suites: dict[str, StsPairs] = {}
+    for entry in config.heldout_suites:
+        path = Path(entry) if Path(entry).is_absolute() else Path(config.data_dir or ".") / entry
+        if not path.is_file():
+            raise DataError(
+                f"data.heldout_suites: {path} does not exist; remove it from the list or fix the path"
+            )
+        opener = gzip.open if path.name.endswith(".gz") else open
+        rows: dict[str, list[tuple[str, str, float]]] = {}
+        with opener(path, "rt", encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+            missing = {"score", "sentence1", "sentence2"} - set(reader.fieldnames or [])
+            if missing:
+                raise DataError(
+                    f"{path}: header lacks columns {sorted(missing)} (need score, sentence1, sentence2)"
+                )
+            stem = path.name.split(".")[0]
+            for line_no, row in enumerate(reader, start=2):
+                name = (row.get("dataset") or stem).lower()
+                score = _parse_score(row["score"], path, line_no)
+                rows.setdefault(name, []).append((row["sentence1"].strip(), row["sentence2"].strip(), score))
+        for name, pairs in rows.items():
+            if config.heldout_suite_max_pairs is not None and len(pairs) > config.heldout_suite_max_pairs:
+                keep = sorted(random.Random(0).sample(range(len(pairs)), config.heldout_suite_max_pairs))
+                pairs = [pairs[i] for i in keep]
+            suites[name] = StsPairs([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs])
+    return suites
+
+
 # --- preparing -----------------------------------------------------------------------------------------
 
 
@@ -209,17 +246,19 @@ def prepare_data(config: DataConfig, work_dir: Path) -> PreparedData:
             else p
             for split, p in stsb.items()
         }
+    suites = read_heldout_suites(config) if config.source == "local" else {}
     corpus, heldout = build_corpus(config, stsb)
+    suite_sentences = {s for pairs in suites.values() for s in pairs.sentences1 + pairs.sentences2}
+    corpus = [s for s in corpus if s not in suite_sentences]  # held-out suites are never trained on
 
     files: dict[str, str] = {
         "corpus.txt": "\n".join(corpus) + "\n",
         "heldout.txt": "\n".join(heldout) + "\n",
     }
     for split, pairs in stsb.items():
-        files[f"stsb-{split}.jsonl"] = "".join(
-            json.dumps({"sentence1": a, "sentence2": b, "score": s}, ensure_ascii=False) + "\n"
-            for a, b, s in zip(pairs.sentences1, pairs.sentences2, pairs.scores, strict=True)
-        )
+        files[f"stsb-{split}.jsonl"] = _jsonl(pairs)
+    for name, pairs in suites.items():
+        files[f"heldout-{name}.jsonl"] = _jsonl(pairs)
     digest = hashlib.sha256()
     for name in sorted(files):
         digest.update(name.encode() + b"\0" + files[name].encode())
@@ -243,6 +282,7 @@ def prepare_data(config: DataConfig, work_dir: Path) -> PreparedData:
         corpus_size=len(corpus),
         heldout_size=len(heldout),
         sts_pairs={split: len(p) for split, p in stsb.items()},
+        heldout_suites={name: len(p) for name, p in suites.items()},
     )
     log.info(
         "data ready in %s: corpus %d sentences, held-out %d, STS-B pairs %s",
@@ -252,6 +292,13 @@ def prepare_data(config: DataConfig, work_dir: Path) -> PreparedData:
         prepared.sts_pairs,
     )
     return prepared
+
+
+def _jsonl(pairs: StsPairs) -> str:
+    return "".join(
+        json.dumps({"sentence1": a, "sentence2": b, "score": s}, ensure_ascii=False) + "\n"
+        for a, b, s in zip(pairs.sentences1, pairs.sentences2, pairs.scores, strict=True)
+    )
 
 
 def read_lines(path: Path) -> list[str]:

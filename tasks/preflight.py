@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,8 @@ from prefect import task
 from tasks.config import DistillConfig
 from tasks.data import STSB_FILES, WIKI_FILES, find_file
 from tasks.models import resolve_model_dir
+from tasks.onnx_export import check_onnx_installed, pick_kernel
+from tasks.pca import check_pca_dims
 from tasks.students import count_teacher_layers, plan_layers, student_name
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ def check_inputs(config: DistillConfig) -> Plan:
         if name in student_layers:
             raise ValueError(f"two students are both named {name!r}: give one of them a distinct name")
         student_layers[name] = layers
+    _check_compress(config, teacher_dir, student_layers)
     if config.data.source == "local":
         find_file(config.data.data_dir, STSB_FILES, "STS benchmark")
         if config.data.corpus_wiki_sentences or config.data.heldout_sentences:
@@ -46,3 +50,37 @@ def check_inputs(config: DistillConfig) -> Plan:
 def check_inputs_task(config: DistillConfig) -> Plan:
     """Prefect task around :func:`check_inputs`."""
     return check_inputs(config)
+
+
+def _check_compress(
+    config: DistillConfig, teacher_dir: Path, student_layers: dict[str, tuple[int, ...]]
+) -> None:
+    compress = config.compress
+    known = ["teacher", *student_layers]
+    for field, names in (
+        ("compress.targets", compress.targets),
+        ("compress.pca_targets", compress.pca_targets),
+    ):
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"{field}: {unknown} name no variant; choose from {known}")
+    if compress.pca_targets and compress.pca_dims:
+        dim = _embedding_dim(teacher_dir)
+        for dims in compress.pca_dims:
+            check_pca_dims(dims, dim, compress.pca_fit_sentences)
+    if compress.targets and (compress.onnx or compress.onnx_int8):
+        check_onnx_installed()
+        if compress.onnx_int8:
+            pick_kernel(compress.onnx_kernel)
+
+
+def _embedding_dim(model_dir: Path) -> int:
+    """Output dimension from the saved config (the last Dense layer's, else the transformer's hidden size)."""
+    dim = int(json.loads((model_dir / "config.json").read_text()).get("hidden_size", 0))
+    modules = model_dir / "modules.json"
+    if modules.is_file():
+        for module in json.loads(modules.read_text()):
+            dense = model_dir / module.get("path", "") / "config.json"
+            if "Dense" in module.get("type", "") and dense.is_file():
+                dim = int(json.loads(dense.read_text())["out_features"])
+    return dim

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -14,7 +15,8 @@ import pandas as pd  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.artifacts import create_table_artifact  # noqa: E402
 
-from tasks.benchmark import QualityResult, SpeedResult, Variant  # noqa: E402
+from tasks.benchmark import QualityResult, SpeedResult  # noqa: E402
+from tasks.variants import Variant  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +25,12 @@ TABLE_COLUMNS = [
     "variant",
     "kind",
     "parent",
+    "lineage",
     "sts_dev_spearman",
     "sts_test_spearman",
     "sts_test_pearson",
     "sts_test_retention_pct",
+    "heldout_mean_spearman",
     "mse_to_teacher",
     "sentences_per_second",
     "speedup_vs_teacher",
@@ -37,7 +41,13 @@ TABLE_COLUMNS = [
     "bytes_per_vector",
     "build_seconds",
 ]
-METRIC_COLUMNS = [c for c in TABLE_COLUMNS if c not in ("variant", "kind", "parent")]
+TEXT_COLUMNS = ("variant", "kind", "parent", "lineage")
+METRIC_COLUMNS = [c for c in TABLE_COLUMNS if c not in TEXT_COLUMNS]
+
+
+def metric_columns(table: pd.DataFrame) -> list[str]:
+    """Every numeric column of a built table (the fixed ones plus one per held-out suite)."""
+    return [c for c in table.columns if c not in TEXT_COLUMNS]
 
 
 def build_table(variants: list[Variant], quality: list[QualityResult], speed: SpeedResult) -> pd.DataFrame:
@@ -48,15 +58,18 @@ def build_table(variants: list[Variant], quality: list[QualityResult], speed: Sp
     rows = []
     for variant, q in zip(variants, quality, strict=True):
         sps = speed.sentences_per_second[variant.name]
+        suites = q.heldout_spearman or {}
         rows.append(
             {
                 "variant": variant.name,
                 "kind": variant.kind,
                 "parent": variant.parent or "",
+                "lineage": variant.lineage,
                 "sts_dev_spearman": q.sts_dev_spearman,
                 "sts_test_spearman": q.sts_test_spearman,
                 "sts_test_pearson": q.sts_test_pearson,
                 "sts_test_retention_pct": 100.0 * q.sts_test_spearman / teacher_q.sts_test_spearman,
+                "heldout_mean_spearman": float(np.mean(list(suites.values()))) if suites else math.nan,
                 "mse_to_teacher": q.mse_to_teacher,
                 "sentences_per_second": sps,
                 "speedup_vs_teacher": sps / teacher_sps,
@@ -66,15 +79,19 @@ def build_table(variants: list[Variant], quality: list[QualityResult], speed: Sp
                 "embedding_dim": q.dim,
                 "bytes_per_vector": q.bytes_per_vector,
                 "build_seconds": variant.build_seconds,
+                **{f"heldout_{name}_spearman": value for name, value in suites.items()},
             }
         )
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    table = pd.DataFrame(rows)
+    return table[TABLE_COLUMNS + [c for c in table.columns if c not in TABLE_COLUMNS]]
 
 
 def format_table(table: pd.DataFrame) -> str:
     """Markdown with readable precision (what the CLI prints and the .md file holds)."""
     shown = table.copy()
+    suite_columns = {c: 4 for c in table.columns if c.startswith("heldout_")}
     for column, digits in {
+        **suite_columns,
         "sts_dev_spearman": 4,
         "sts_test_spearman": 4,
         "sts_test_pearson": 4,

@@ -18,8 +18,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from prefect import task
 
-from tasks.benchmark import Variant
 from tasks.config import DistillConfig
+from tasks.variants import Variant
 
 log = logging.getLogger(__name__)
 
@@ -107,23 +107,29 @@ def log_results(
     log_models: bool = True,
 ) -> dict[str, str]:
     """A child run per variant (params, metrics, model folder) and the table + plots on the parent run."""
-    from tasks.report import METRIC_COLUMNS
+    from tasks.report import metric_columns
 
     child_ids: dict[str, str] = {}
+    logged: set[Path] = set()
     for variant, (_, row) in zip(variants, table.iterrows(), strict=True):
         params = {
             "variant": variant.name,
             "kind": variant.kind,
             "parent": variant.parent or "",
+            "backend": variant.backend,
+            "precision": variant.precision,
             **variant.params,
         }
-        log_model = log_models and variant.kind != "teacher"
+        # a model folder is logged once, with the first variant that runs it
+        log_model = log_models and variant.kind != "teacher" and variant.model_dir not in logged
+        if log_model:
+            logged.add(variant.model_dir)
         child_ids[variant.name] = log_child_run(
             experiment_id,
             parent_run_id,
             run_name=variant.name,
             params=params,
-            metrics={column: row[column] for column in METRIC_COLUMNS},
+            metrics={column: row[column] for column in metric_columns(table)},
             tags={"variant.kind": variant.kind},
             artifacts_dir=variant.model_dir if log_model else None,
         )

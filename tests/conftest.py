@@ -75,9 +75,11 @@ def tiny_config(model_dir: Path, data_dir: Path, root: Path) -> dict:
             "include_stsb_train": False,
             "heldout_sentences": 60,
             "max_eval_pairs": 80,
+            "heldout_suite_max_pairs": 40,
         },
         "students": [{"num_layers": 2}, {"layers": [0, 3], "name": "ends"}],
         "training": {"batch_size": 32, "evaluations_per_epoch": 2},
+        "compress": {"targets": ["teacher", "ends"], "pca_dims": [16, 8], "pca_fit_sentences": 100},
         "benchmark": {"speed_sentences": 60, "batch_size": 32, "repeats": 2, "warmup_batches": 1},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "test"},
     }

@@ -16,11 +16,16 @@ from flows.cli import main
         ("students=[{num_layers: 5}]", "exceeds the teacher's 4 layers"),
         ("data.data_dir=/nonexistent", "is not a folder"),
         ("training.batch_size=0", "batch_size"),
+        ("compress.targets=[teacher, nope]", "compress.targets: ['nope'] name no variant"),
+        ("compress.pca_dims=[64]", "compress.pca_dims: 64 is not in 1..32"),
+        ("compress.pca_fit_sentences=12", "need at least 16 fitting sentences"),
+        ("compress.onnx_kernel=avx512_vnni", "compress.onnx_kernel='avx512_vnni': this CPU lacks it"),
     ],
 )
 def test_bad_input_fails_fast_and_leaves_nothing(
-    tiny_config_dict, tmp_path: Path, capsys, override, message
+    tiny_config_dict, tmp_path: Path, capsys, monkeypatch, override, message
 ) -> None:
+    monkeypatch.setattr("tasks.onnx_export.cpu_flags", lambda: {"avx2"})
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(tiny_config_dict))
     assert main(["run", "--config", str(config_file), "--set", override]) == 2

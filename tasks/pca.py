@@ -1,0 +1,89 @@
+"""PCA dimension reduction appended to a model as a ``Dense`` layer.
+
+The PCA (scikit-learn) is fitted on the model's own embeddings of corpus sentences (never evaluation
+sentences); for the teacher those are the cached teacher embeddings. The projection, centring included,
+becomes a ``Dense`` module (weight = components, bias = -mean @ components.T, identity activation), so the
+result saves, loads and encodes as an ordinary SentenceTransformer with k-dimensional output.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+
+from tasks.models import load_sentence_transformer
+
+log = logging.getLogger(__name__)
+
+
+class PcaConfigError(ValueError):
+    """PCA dimensions that cannot be fitted."""
+
+
+@dataclass(frozen=True)
+class PcaResult:
+    model_dir: Path
+    dims: int
+    explained_variance: float
+    seconds: float
+
+
+def check_pca_dims(dims: int, model_dim: int, fit_rows: int, field: str = "compress.pca_dims") -> None:
+    if not 1 <= dims <= model_dim:
+        raise PcaConfigError(f"{field}: {dims} is not in 1..{model_dim} (the model's embedding dimension)")
+    if dims > fit_rows:
+        raise PcaConfigError(
+            f"{field}: {dims} dimensions need at least {dims} fitting sentences, got {fit_rows}; "
+            f"raise compress.pca_fit_sentences or lower the dimensions"
+        )
+
+
+def fit_pca(embeddings: np.ndarray, dims: int, seed: int = 42) -> PCA:
+    check_pca_dims(dims, embeddings.shape[1], embeddings.shape[0])
+    return PCA(n_components=dims, random_state=seed).fit(np.asarray(embeddings, dtype=np.float32))
+
+
+def append_pca(model_dir: Path, pca: PCA, out_dir: Path) -> Path:
+    """Save ``model_dir`` + a Dense PCA projection to ``out_dir`` (written to a temp name, then renamed)."""
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    model = load_sentence_transformer(model_dir)
+    components = torch.tensor(pca.components_, dtype=torch.float32)  # (k, d)
+    dense = Dense(
+        in_features=components.shape[1],
+        out_features=components.shape[0],
+        bias=True,
+        activation_function=torch.nn.Identity(),
+    )
+    with torch.no_grad():
+        dense.linear.weight.copy_(components)
+        dense.linear.bias.copy_(-torch.tensor(pca.mean_, dtype=torch.float32) @ components.T)
+    model.append(dense)
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        model.save(str(tmp))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def reduce_with_pca(
+    model_dir: Path, fit_embeddings: np.ndarray, dims: int, out_dir: Path, seed: int = 42
+) -> PcaResult:
+    start = time.perf_counter()
+    pca = fit_pca(fit_embeddings, dims, seed)
+    append_pca(model_dir, pca, out_dir)
+    explained = float(pca.explained_variance_ratio_.sum())
+    log.info("PCA %d -> %d keeps %.1f%% of the variance", fit_embeddings.shape[1], dims, 100 * explained)
+    return PcaResult(Path(out_dir), dims, explained, time.perf_counter() - start)

@@ -1,0 +1,118 @@
+"""A variant = a model folder plus how to run it (torch / ONNX file) and how its vectors are stored.
+
+Every row of the trade-off table is a ``Variant``. ``load_model`` and ``encode`` are the one place that knows
+how to run each kind, so quality, MSE and speed are measured the same way for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from tasks.models import dir_size_bytes, load_sentence_transformer
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["teacher", "layer-reduced", "light", "static", "pca", "quantized", "embedding-quantized"]
+Precision = Literal["float32", "int8", "ubinary"]
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model in the trade-off table.
+
+    Args:
+        name: Row name (also the MLflow child-run name).
+        kind: teacher / layer-reduced / light / static / pca / quantized / embedding-quantized.
+        model_dir: SentenceTransformer folder.
+        parent: The variant this one was made from (lineage).
+        backend: ``torch`` or ``onnx``.
+        onnx_file: ONNX file inside ``model_dir`` (e.g. ``onnx/model_qint8_avx2.onnx``).
+        precision: How output vectors are stored: float32, int8 (calibrated ranges) or ubinary (1 bit/dim).
+        calibration_file: ``.npy`` with the int8 ranges (2 x dim: per-dimension min and max).
+        params: Extra MLflow params (layers, PCA dims, kernel, ...).
+        build_seconds: Time it took to make this variant.
+    """
+
+    name: str
+    kind: Kind
+    model_dir: Path
+    parent: str | None = None
+    backend: Literal["torch", "onnx"] = "torch"
+    onnx_file: str | None = None
+    precision: Precision = "float32"
+    calibration_file: Path | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    build_seconds: float = 0.0
+
+    @property
+    def lineage(self) -> str:
+        return self.params.get("lineage", self.name)
+
+
+def load_model(variant: Variant) -> SentenceTransformer:
+    if variant.backend == "onnx":
+        return load_sentence_transformer(
+            variant.model_dir, backend="onnx", model_kwargs={"file_name": variant.onnx_file}
+        )
+    return load_sentence_transformer(variant.model_dir)
+
+
+def encode(model: SentenceTransformer, variant: Variant, sentences: list[str], batch_size: int) -> np.ndarray:
+    """Embeddings as the variant stores them (float32, int8 or packed bits)."""
+    embeddings = model.encode(
+        sentences, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
+    )
+    return quantize(embeddings, variant)
+
+
+def quantize(embeddings: np.ndarray, variant: Variant) -> np.ndarray:
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    if variant.precision == "float32":
+        return embeddings.astype(np.float32, copy=False)
+    ranges = None
+    if variant.precision == "int8":
+        if variant.calibration_file is None:
+            raise ValueError(f"variant {variant.name}: int8 needs a calibration_file with the ranges")
+        ranges = np.load(variant.calibration_file, allow_pickle=False)
+    return quantize_embeddings(embeddings, variant.precision, ranges=ranges)
+
+
+def pair_similarity(a: np.ndarray, b: np.ndarray, precision: Precision) -> np.ndarray:
+    """Row-wise similarity suited to the storage: cosine for float32 and int8, -Hamming for packed bits."""
+    if precision == "ubinary":
+        differing = np.unpackbits(np.bitwise_xor(a, b), axis=1).sum(axis=1)
+        return -differing.astype(np.float64)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    return (a64 * b64).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
+def bytes_per_vector(dim: int, precision: Precision) -> int:
+    return {"float32": dim * 4, "int8": dim, "ubinary": -(-dim // 8)}[precision]
+
+
+def size_bytes(variant: Variant) -> int:
+    """On-disk size of what this variant needs: for ONNX, its .onnx file plus the non-weight files."""
+    root = Path(variant.model_dir)
+    if variant.backend != "onnx":
+        return dir_size_bytes(root, exclude=("checkpoints", "onnx"))
+    non_weights = sum(
+        p.stat().st_size
+        for p in root.rglob("*")
+        if p.is_file()
+        and not p.name.endswith(_WEIGHT_SUFFIXES)
+        and p.relative_to(root).parts[0] != "checkpoints"
+    )
+    onnx = root / str(variant.onnx_file)
+    data = onnx.with_name(onnx.name + "_data")
+    return non_weights + onnx.stat().st_size + (data.stat().st_size if data.exists() else 0)

@@ -1,0 +1,35 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.models import load_sentence_transformer
+from tasks.pca import PcaConfigError, check_pca_dims, reduce_with_pca
+
+
+def test_pca_model_saves_loads_and_encodes_k_dims(tiny_model_dir: Path, tmp_path: Path) -> None:
+    base = load_sentence_transformer(tiny_model_dir)
+    fit = base.encode([f"fitting sentence number {i}" for i in range(60)])
+    result = reduce_with_pca(tiny_model_dir, fit, 8, tmp_path / "pca8")
+    assert 0 < result.explained_variance <= 1
+    reduced = load_sentence_transformer(result.model_dir)
+    out = reduced.encode(["a test sentence", "another one"])
+    assert out.shape == (2, 8) and out.dtype == np.float32
+    # the Dense layer is the fitted projection: centred teacher vectors times the components
+    from sklearn.decomposition import PCA
+
+    pca = PCA(n_components=8, random_state=42).fit(fit)
+    np.testing.assert_allclose(out, pca.transform(base.encode(["a test sentence", "another one"])), atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("dims", "model_dim", "rows", "message"),
+    [
+        (64, 32, 100, r"not in 1..32"),
+        (0, 32, 100, r"not in 1..32"),
+        (20, 32, 10, "at least 20 fitting sentences"),
+    ],
+)
+def test_impossible_dims_are_refused(dims: int, model_dim: int, rows: int, message: str) -> None:
+    with pytest.raises(PcaConfigError, match=message):
+        check_pca_dims(dims, model_dim, rows)

@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tasks.variants import Variant, bytes_per_vector, encode, load_model, pair_similarity, quantize
+
+
+@pytest.mark.parametrize(("precision", "expected"), [("float32", 1536), ("int8", 384), ("ubinary", 48)])
+def test_bytes_per_vector(precision: str, expected: int) -> None:
+    assert bytes_per_vector(384, precision) == expected
+
+
+def test_cosine_and_hamming_similarities() -> None:
+    a = np.array([[1.0, 0.0], [1.0, 1.0]])
+    b = np.array([[1.0, 0.0], [-1.0, -1.0]])
+    np.testing.assert_allclose(pair_similarity(a, b, "float32"), [1.0, -1.0])
+    bits_a = np.packbits(np.array([[1, 1, 0, 0, 1, 0, 1, 0]], dtype=np.uint8), axis=1)
+    bits_b = np.packbits(np.array([[1, 0, 0, 0, 1, 1, 1, 0]], dtype=np.uint8), axis=1)
+    assert pair_similarity(bits_a, bits_b, "ubinary").tolist() == [-2.0]
+
+
+def test_int8_needs_calibration(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs a calibration_file"):
+        quantize(
+            np.zeros((2, 4), np.float32), Variant("x", "embedding-quantized", tmp_path, precision="int8")
+        )
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype", "width"),
+    [("float32", np.float32, 32), ("int8", np.int8, 32), ("ubinary", np.uint8, 4)],
+)
+def test_encode_returns_the_promised_storage(
+    tiny_model_dir: Path, tmp_path: Path, precision, dtype, width
+) -> None:
+    ranges = tmp_path / "ranges.npy"
+    np.save(ranges, np.vstack((-np.ones(32), np.ones(32))).astype(np.float32))
+    variant = Variant(
+        "v",
+        "embedding-quantized",
+        tiny_model_dir,
+        precision=precision,
+        calibration_file=ranges if precision == "int8" else None,
+    )
+    out = encode(load_model(variant), variant, ["one sentence", "and another one"], batch_size=8)
+    assert out.dtype == dtype and out.shape == (2, width)
