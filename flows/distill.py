@@ -15,7 +15,8 @@ from tasks.config import DistillConfig, load_config
 from tasks.data import prepare_data
 from tasks.preflight import check_inputs_task
 from tasks.report import build_table, format_table, write_report
-from tasks.students import train_student
+from tasks.static_student import distill_static_task
+from tasks.students import TrainedStudent, train_student
 from tasks.teacher_cache import cache_teacher_embeddings
 from tasks.tracking import log_results, parent_run, setup_experiment
 from tasks.variants import Variant
@@ -74,20 +75,11 @@ def distill(config: DistillConfig | None = None) -> dict[str, object]:
         ]
 
         teacher = Variant("teacher", "teacher", plan.teacher_dir, params={"model": config.teacher.model})
-        bases = [teacher] + [
-            Variant(
-                s.name,
-                "layer-reduced",
-                s.model_dir,
-                parent="teacher",
-                params={
-                    "layers": ",".join(map(str, s.layers)),
-                    "num_layers": str(len(s.layers)),
-                    "lineage": f"teacher > {s.name}",
-                },
-                build_seconds=s.train_seconds,
-            )
-            for s in students
+        bases = [teacher] + [s.as_variant() for s in students]
+        sources = static_sources(config.static.sources, bases, students)
+        bases += [
+            distill_static_task(source, run_dir / "static", config.static.pca_dims).as_variant()
+            for source in sources
         ]
         compressed = compress_variants(bases, config.compress, data, corpus_emb, run_dir / "compressed")
         variants = bases + compressed
@@ -108,3 +100,16 @@ def distill(config: DistillConfig | None = None) -> dict[str, object]:
         "table_csv": str(files["csv"]),
         "teacher_sentences_encoded": corpus_emb.sentences_encoded + heldout_emb.sentences_encoded,
     }
+
+
+def static_sources(
+    sources: tuple[str, ...], bases: list[Variant], students: list[TrainedStudent]
+) -> list[Variant]:
+    """Variants to distill static students from; ``best-student`` = the best sts-dev layer-reduced student."""
+    by_name = {v.name: v for v in bases}
+    resolved: dict[str, Variant] = {}
+    for source in sources:
+        if source == "best-student":
+            source = max(students, key=lambda s: s.best_dev_spearman or float("-inf")).name
+        resolved[source] = by_name[source]
+    return list(resolved.values())

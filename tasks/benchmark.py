@@ -119,7 +119,7 @@ def evaluate_group(
                 dim=dim,
                 bytes_per_vector=bytes_per_vector(dim, variant.precision),
                 parameters=parameters,
-                size_mb=size_bytes(variant) / 1e6,
+                size_mb=size_bytes(variant, model) / 1e6,
                 heldout_spearman=heldout_scores,
             )
         )

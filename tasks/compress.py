@@ -102,6 +102,23 @@ def compress_variants(
                     build_seconds=fit_seconds if precision == "int8" else 0.0,
                 )
             )
+        if config.torch_int8:
+            made.append(
+                Variant(
+                    f"{base.name}-torch-int8",
+                    "quantized",
+                    base.model_dir,
+                    parent=base.name,
+                    backend="torch-int8",
+                    int8_exclude=config.torch_int8_exclude,
+                    int8_per_channel=config.torch_int8_per_channel,
+                    params={
+                        "per_channel": str(config.torch_int8_per_channel),
+                        "exclude": ",".join(config.torch_int8_exclude),
+                        **_lineage(base, "torch-int8"),
+                    },
+                )
+            )
         if not (config.onnx or config.onnx_int8):
             continue
         export = export_onnx(base.model_dir, folder / "onnx-model", kernel)

@@ -145,6 +145,19 @@ class BenchmarkConfig(_Frozen):
     threads: int | None = Field(default=None, ge=1)
 
 
+class StaticStudentConfig(_Frozen):
+    """Static students: model2vec ``distill`` of a transformer into a token-embedding table.
+
+    Args:
+        sources: What to distill from: ``teacher``, a student name, or ``best-student`` (the layer-reduced
+            student with the best sts-dev score). Empty turns static students off.
+        pca_dims: model2vec's PCA output dimensions; ``None`` keeps the source's dimension.
+    """
+
+    sources: tuple[str, ...] = ("teacher", "best-student")
+    pca_dims: int | None = Field(default=256, ge=2)
+
+
 class CompressionConfig(_Frozen):
     """Compressions applied after training; each result is a row of its own in the table.
 
@@ -157,6 +170,10 @@ class CompressionConfig(_Frozen):
         onnx: Export each target to ONNX fp32.
         onnx_int8: ONNX Runtime dynamic int8 quantization of each target.
         onnx_kernel: int8 kernel variant; ``auto`` picks the best one this CPU has.
+        torch_int8: PyTorch dynamic int8 quantization of each target's Linear layers.
+        torch_int8_per_channel: Per-channel weight scales for torch int8 (better quality than per tensor).
+        torch_int8_exclude: Regexes of module names torch int8 leaves in float32 (e.g.
+            ``layer\\.\\d+\\.output\\.dense$`` for mpnet's FFN down-projection).
         embedding_precisions: Embedding quantization of each target: int8 (calibrated ranges, cosine) and
             ubinary (1 bit per dimension, Hamming).
         chain: Also ONNX int8 model + int8 embeddings for each target.
@@ -169,6 +186,9 @@ class CompressionConfig(_Frozen):
     onnx: bool = True
     onnx_int8: bool = True
     onnx_kernel: Literal["auto", "avx2", "avx512", "avx512_vnni", "arm64"] = "auto"
+    torch_int8: bool = True
+    torch_int8_per_channel: bool = True
+    torch_int8_exclude: tuple[str, ...] = ()
     embedding_precisions: tuple[Literal["int8", "ubinary"], ...] = ("int8", "ubinary")
     chain: bool = True
 
@@ -206,6 +226,7 @@ class DistillConfig(_Frozen):
         data: STS benchmark and distillation corpus.
         students: Layer-reduced students to train.
         training: Student training settings.
+        static: Static (model2vec) students.
         compress: PCA, model quantization and embedding quantization.
         benchmark: Speed measurement settings.
         tracking: MLflow settings.
@@ -221,6 +242,7 @@ class DistillConfig(_Frozen):
         StudentSpec(num_layers=1),
     )
     training: TrainingConfig = TrainingConfig()
+    static: StaticStudentConfig = StaticStudentConfig()
     compress: CompressionConfig = CompressionConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -246,7 +268,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data": {"corpus_wiki_sentences": 100_000},
         "students": [{"num_layers": n} for n in (8, 6, 4, 3, 2, 1)],
         "training": {"batch_size": 32, "evaluations_per_epoch": 5},
-        "compress": {"targets": ["teacher", "layers-4of12"], "pca_dims": [512, 256, 128, 64]},
+        "compress": {
+            "targets": ["teacher", "layers-4of12"],
+            "pca_dims": [512, 256, 128, 64],
+            "torch_int8_exclude": [r"layer\.\d+\.output\.dense$"],
+        },
     },
 }
 

@@ -14,7 +14,9 @@ from tasks.data import STSB_FILES, WIKI_FILES, find_file
 from tasks.models import resolve_model_dir
 from tasks.onnx_export import check_onnx_installed, pick_kernel
 from tasks.pca import check_pca_dims
+from tasks.static_student import check_model2vec_installed
 from tasks.students import count_teacher_layers, plan_layers, student_name
+from tasks.torch_quant import check_patterns
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ def check_inputs(config: DistillConfig) -> Plan:
             raise ValueError(f"two students are both named {name!r}: give one of them a distinct name")
         student_layers[name] = layers
     _check_compress(config, teacher_dir, student_layers)
+    _check_static(config, teacher_dir, student_layers)
     if config.data.source == "local":
         find_file(config.data.data_dir, STSB_FILES, "STS benchmark")
         if config.data.corpus_wiki_sentences or config.data.heldout_sentences:
@@ -68,6 +71,7 @@ def _check_compress(
         dim = _embedding_dim(teacher_dir)
         for dims in compress.pca_dims:
             check_pca_dims(dims, dim, compress.pca_fit_sentences)
+    check_patterns(compress.torch_int8_exclude)
     if compress.targets and (compress.onnx or compress.onnx_int8):
         check_onnx_installed()
         if compress.onnx_int8:
@@ -84,3 +88,21 @@ def _embedding_dim(model_dir: Path) -> int:
             if "Dense" in module.get("type", "") and dense.is_file():
                 dim = int(json.loads(dense.read_text())["out_features"])
     return dim
+
+
+def _check_static(
+    config: DistillConfig, teacher_dir: Path, student_layers: dict[str, tuple[int, ...]]
+) -> None:
+    static = config.static
+    if not static.sources:
+        return
+    known = ["teacher", "best-student", *student_layers]
+    unknown = [n for n in static.sources if n not in known]
+    if unknown:
+        raise ValueError(f"static.sources: {unknown} name no variant; choose from {known}")
+    if "best-student" in static.sources and not student_layers:
+        raise ValueError("static.sources names best-student but no students are configured")
+    dim = _embedding_dim(teacher_dir)
+    if static.pca_dims is not None and static.pca_dims > dim:
+        raise ValueError(f"static.pca_dims: {static.pca_dims} exceeds the teacher's dimension {dim}")
+    check_model2vec_installed()

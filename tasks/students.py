@@ -21,6 +21,7 @@ from tasks.config import StudentSpec, TrainingConfig
 from tasks.data import PreparedData, read_lines, read_sts
 from tasks.models import load_sentence_transformer
 from tasks.teacher_cache import CachedEmbeddings
+from tasks.variants import Variant
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -41,6 +42,20 @@ class TrainedStudent:
     best_dev_spearman: float | None
     train_seconds: float
     train_sentences: int
+
+    def as_variant(self) -> Variant:
+        return Variant(
+            self.name,
+            "layer-reduced",
+            self.model_dir,
+            parent="teacher",
+            params={
+                "layers": ",".join(map(str, self.layers)),
+                "num_layers": str(len(self.layers)),
+                "lineage": f"teacher > {self.name}",
+            },
+            build_seconds=self.train_seconds,
+        )
 
 
 def plan_layers(teacher_layers: int, spec: StudentSpec) -> tuple[int, ...]:

@@ -34,10 +34,12 @@ class Variant:
         kind: teacher / layer-reduced / light / static / pca / quantized / embedding-quantized.
         model_dir: SentenceTransformer folder.
         parent: The variant this one was made from (lineage).
-        backend: ``torch`` or ``onnx``.
+        backend: ``torch``, ``onnx`` or ``torch-int8`` (dynamic int8 applied at load).
         onnx_file: ONNX file inside ``model_dir`` (e.g. ``onnx/model_qint8_avx2.onnx``).
         precision: How output vectors are stored: float32, int8 (calibrated ranges) or ubinary (1 bit/dim).
         calibration_file: ``.npy`` with the int8 ranges (2 x dim: per-dimension min and max).
+        int8_exclude: For ``torch-int8``: regexes of module names kept in float32.
+        int8_per_channel: For ``torch-int8``: per-channel weight scales (else per tensor).
         params: Extra MLflow params (layers, PCA dims, kernel, ...).
         build_seconds: Time it took to make this variant.
     """
@@ -46,10 +48,12 @@ class Variant:
     kind: Kind
     model_dir: Path
     parent: str | None = None
-    backend: Literal["torch", "onnx"] = "torch"
+    backend: Literal["torch", "onnx", "torch-int8"] = "torch"
     onnx_file: str | None = None
     precision: Precision = "float32"
     calibration_file: Path | None = None
+    int8_exclude: tuple[str, ...] = ()  # torch-int8: module-name regexes left in float32
+    int8_per_channel: bool = True
     params: dict[str, str] = field(default_factory=dict)
     build_seconds: float = 0.0
 
@@ -63,7 +67,12 @@ def load_model(variant: Variant) -> SentenceTransformer:
         return load_sentence_transformer(
             variant.model_dir, backend="onnx", model_kwargs={"file_name": variant.onnx_file}
         )
-    return load_sentence_transformer(variant.model_dir)
+    model = load_sentence_transformer(variant.model_dir)
+    if variant.backend == "torch-int8":
+        from tasks.torch_quant import quantize_dynamic_int8
+
+        return quantize_dynamic_int8(model, variant.int8_exclude, variant.int8_per_channel)
+    return model
 
 
 def encode(model: SentenceTransformer, variant: Variant, sentences: list[str], batch_size: int) -> np.ndarray:
@@ -101,10 +110,11 @@ def bytes_per_vector(dim: int, precision: Precision) -> int:
     return {"float32": dim * 4, "int8": dim, "ubinary": -(-dim // 8)}[precision]
 
 
-def size_bytes(variant: Variant) -> int:
-    """On-disk size of what this variant needs: for ONNX, its .onnx file plus the non-weight files."""
+def size_bytes(variant: Variant, model: SentenceTransformer | None = None) -> int:
+    """On-disk size of what this variant needs: its weights (the .onnx file for ONNX, the int8 state dict
+    for torch-int8, given the loaded ``model``) plus the non-weight files."""
     root = Path(variant.model_dir)
-    if variant.backend != "onnx":
+    if variant.backend == "torch":
         return dir_size_bytes(root, exclude=("checkpoints", "onnx"))
     non_weights = sum(
         p.stat().st_size
@@ -113,6 +123,12 @@ def size_bytes(variant: Variant) -> int:
         and not p.name.endswith(_WEIGHT_SUFFIXES)
         and p.relative_to(root).parts[0] != "checkpoints"
     )
+    if variant.backend == "torch-int8":
+        from tasks.torch_quant import state_dict_bytes
+
+        if model is None:
+            raise ValueError("the size of a torch-int8 variant needs its loaded model")
+        return non_weights + state_dict_bytes(model)
     onnx = root / str(variant.onnx_file)
     data = onnx.with_name(onnx.name + "_data")
     return non_weights + onnx.stat().st_size + (data.stat().st_size if data.exists() else 0)

@@ -79,6 +79,7 @@ def tiny_config(model_dir: Path, data_dir: Path, root: Path) -> dict:
         },
         "students": [{"num_layers": 2}, {"layers": [0, 3], "name": "ends"}],
         "training": {"batch_size": 32, "evaluations_per_epoch": 2},
+        "static": {"sources": ["teacher", "ends"], "pca_dims": 16},
         "compress": {"targets": ["teacher", "ends"], "pca_dims": [16, 8], "pca_fit_sentences": 100},
         "benchmark": {"speed_sentences": 60, "batch_size": 32, "repeats": 2, "warmup_batches": 1},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "test"},

