@@ -84,12 +84,15 @@ class StudentSpec(_Frozen):
     Args:
         num_layers: Keep this many layers, evenly spaced, always the first and the last.
         layers: Keep exactly these 0-based layer indices instead (sorted, no duplicates).
-        name: Variant name in the table; derived from the layers when empty.
+        name: Variant name in the table; derived from the layers (and loss) when empty.
+        loss: ``mse`` (MSELoss to the teacher's embeddings) or ``mse+cosent``: MSELoss on the corpus plus
+            CoSENTLoss on the STS-B train pairs (labels), batches drawn from both in proportion.
     """
 
     num_layers: int | None = Field(default=None, ge=1)
     layers: tuple[int, ...] | None = None
     name: str | None = None
+    loss: Literal["mse", "mse+cosent"] = "mse"
 
     @model_validator(mode="after")
     def _one_of(self) -> StudentSpec:
@@ -240,6 +243,7 @@ class DistillConfig(_Frozen):
         StudentSpec(num_layers=3),
         StudentSpec(num_layers=2),
         StudentSpec(num_layers=1),
+        StudentSpec(num_layers=3, loss="mse+cosent"),
     )
     training: TrainingConfig = TrainingConfig()
     static: StaticStudentConfig = StaticStudentConfig()

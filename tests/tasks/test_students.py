@@ -61,7 +61,10 @@ def test_reduced_model_saves_and_reloads(tiny_model_dir: Path, tmp_path: Path) -
     assert reloaded.encode(["a short sentence"]).shape == (1, 32)
 
 
-def test_training_keeps_best_checkpoint(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("loss", "name"), [("mse", "layers-2of4"), ("mse+cosent", "layers-2of4-cosent")])
+def test_training_keeps_best_checkpoint(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, loss, name
+) -> None:
     data = prepare_data.fn(
         DataConfig(
             data_dir=data_dir,
@@ -75,13 +78,14 @@ def test_training_keeps_best_checkpoint(tiny_model_dir: Path, data_dir: Path, tm
     corpus = get_or_encode(tiny_model_dir, data.corpus_file, tmp_path / "cache")
     student = train_layer_reduced(
         tiny_model_dir,
-        StudentSpec(num_layers=2),
+        StudentSpec(num_layers=2, loss=loss),
         data,
         corpus,
         TrainingConfig(batch_size=32, evaluations_per_epoch=3),
         tmp_path / "students",
     )
-    assert student.name == "layers-2of4" and student.layers == (0, 3)
+    assert student.name == name and student.layers == (0, 3) and student.loss == loss
+    assert student.as_variant().params["loss"] == loss
     assert student.best_dev_spearman is not None
     assert (student.model_dir / "modules.json").is_file()
     assert not (student.model_dir.parent / "checkpoints").exists()
