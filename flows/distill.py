@@ -1,4 +1,4 @@
-"""The distillation DAG: check inputs -> data -> teacher cache -> students -> benchmark -> report."""
+"""The distillation DAG: inputs -> data -> teacher cache -> students -> compress -> benchmark -> report."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tasks.variants import Variant
 
 @flow(name="distill-embeddings", log_prints=True)
 def distill(config: DistillConfig | None = None) -> dict[str, object]:
-    """Distill layer-reduced students from a teacher and log the speed / STS trade-off table to MLflow.
+    """Distill students from a teacher, compress them, and log the speed / STS trade-off table to MLflow.
 
     Args:
         config: The experiment; empty means the quick profile (MiniLM-L6 teacher, 3/2/1-layer students).

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from tasks.config import BenchmarkConfig
 from tasks.data import PreparedData, StsPairs, read_lines, read_sts
+from tasks.models import load_sentence_transformer
 from tasks.teacher_cache import CachedEmbeddings
 from tasks.variants import (
     Variant,
@@ -97,9 +98,7 @@ def evaluate_group(
         variants[0].name,
         time.perf_counter() - start,
     )
-    parameters = sum(p.numel() for p in model.parameters()) if variants[0].backend == "torch" else 0
-    if variants[0].backend == "onnx":
-        parameters = _onnx_parameters(variants[0])
+    parameters = _parameters(variants[0], model)
     teacher = np.asarray(heldout_teacher.load(), dtype=np.float32)
 
     results = []
@@ -124,6 +123,15 @@ def evaluate_group(
             )
         )
     return results
+
+
+def _parameters(variant: Variant, model: object) -> int:
+    """Weights of the network; int8 Linear weights are packed (not Parameters), so count the float model."""
+    if variant.backend == "onnx":
+        return _onnx_parameters(variant)
+    if variant.backend == "torch-int8":
+        model = load_sentence_transformer(variant.model_dir)
+    return sum(p.numel() for p in model.parameters())
 
 
 def _onnx_parameters(variant: Variant) -> int:

@@ -33,3 +33,13 @@ def test_int8_variant_encodes_float32_and_is_smaller(tiny_model_dir: Path, per_c
     cos = (out * encode(load_model(reference), reference, ["a short sentence", "another one"], 2)).sum(1)
     assert (cos > 0.9).all()
     assert 0 < size_bytes(variant, model) < size_bytes(reference)
+
+
+def test_int8_variant_reports_the_float_parameter_count(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    from tasks.benchmark import _parameters
+
+    variant = Variant("q", "quantized", tiny_model_dir, backend="torch-int8")
+    float_count = sum(p.numel() for p in load_sentence_transformer(tiny_model_dir).parameters())
+    assert _parameters(variant, load_model(variant)) == float_count > 0
