@@ -10,10 +10,10 @@ import logging
 import platform
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.files import atomic_dir
 from tasks.models import load_sentence_transformer
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,7 @@ def export_onnx(source_dir: Path, out_dir: Path, kernel: str | None) -> OnnxExpo
 
     check_onnx_installed()
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_dir(out_dir) as tmp:
         shutil.copytree(source_dir, tmp, ignore=shutil.ignore_patterns("checkpoints", "onnx"))
         start = time.perf_counter()
         model = load_sentence_transformer(tmp, backend="onnx")  # exports to ONNX on first load
@@ -109,10 +108,6 @@ def export_onnx(source_dir: Path, out_dir: Path, kernel: str | None) -> OnnxExpo
                 raise RuntimeError(f"int8 export for {kernel} wrote no .onnx file in {tmp / 'onnx'}")
             int8_file = created[0].relative_to(tmp).as_posix()
             quantize_seconds = time.perf_counter() - start
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info(
         "ONNX export of %s: %.1f s; int8 (%s): %.1f s", source_dir, export_seconds, kernel, quantize_seconds
     )

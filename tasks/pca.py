@@ -9,9 +9,7 @@ result saves, loads and encodes as an ordinary SentenceTransformer with k-dimens
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 
+from tasks.files import atomic_dir
 from tasks.models import load_sentence_transformer
 
 log = logging.getLogger(__name__)
@@ -67,15 +66,9 @@ def append_pca(model_dir: Path, pca: PCA, out_dir: Path) -> Path:
         dense.linear.weight.copy_(components)
         dense.linear.bias.copy_(-torch.tensor(pca.mean_, dtype=torch.float32) @ components.T)
     model.append(dense)
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save(str(tmp))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def reduce_with_pca(

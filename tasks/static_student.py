@@ -8,14 +8,14 @@ source model's vocabulary, reduces it with PCA and weights tokens (SIF).
 from __future__ import annotations
 
 import logging
-import shutil
+import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 
+from tasks.files import atomic_dir
 from tasks.variants import Variant
 
 log = logging.getLogger(__name__)
@@ -65,23 +65,12 @@ def distill_static(
     start = time.perf_counter()
     name = f"{source.name}-static{pca_dims or ''}"
     out_dir = Path(out_root) / name
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        static = distill(
-            model_name=str(source.model_dir),
-            pca_dims=pca_dims,
-            trust_remote_code=trust_remote_code,
-            device="cpu",
-        )
-        static.save_pretrained(str(tmp / "model2vec"))
-        model = SentenceTransformer(
-            modules=[StaticEmbedding.from_model2vec(str(tmp / "model2vec"))], device="cpu"
-        )
-        model.save(str(tmp / "st"))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        (tmp / "st").rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    static = distill(
+        model_name=str(source.model_dir), pca_dims=pca_dims, trust_remote_code=trust_remote_code, device="cpu"
+    )
+    with tempfile.TemporaryDirectory() as m2v_dir, atomic_dir(out_dir) as tmp:
+        static.save_pretrained(m2v_dir)
+        SentenceTransformer(modules=[StaticEmbedding.from_model2vec(m2v_dir)], device="cpu").save(str(tmp))
     seconds = time.perf_counter() - start
     log.info("static student %s distilled from %s in %.0f s", name, source.model_dir, seconds)
     return StaticStudent(name, source, out_dir, pca_dims, seconds)

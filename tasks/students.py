@@ -8,7 +8,6 @@ import json
 import logging
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ from prefect import task
 
 from tasks.config import StudentSpec, TrainingConfig
 from tasks.data import PreparedData, read_lines, read_sts
+from tasks.files import atomic_dir
 from tasks.models import load_sentence_transformer
 from tasks.teacher_cache import CachedEmbeddings
 from tasks.variants import Variant
@@ -215,10 +215,8 @@ def train_layer_reduced(
     best = trainer.state.best_metric
 
     final = student_dir / "model"
-    tmp = student_dir / f".model.tmp-{uuid.uuid4().hex[:8]}"
-    model.save(str(tmp))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with atomic_dir(final) as tmp:
+        model.save(str(tmp))
     shutil.rmtree(student_dir / "checkpoints", ignore_errors=True)
     seconds = time.perf_counter() - start
     log.info(
