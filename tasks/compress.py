@@ -24,10 +24,6 @@ from tasks.variants import Variant, load_model
 log = logging.getLogger(__name__)
 
 
-def _lineage(parent: Variant, step: str) -> dict[str, str]:
-    return {"lineage": f"{parent.lineage} > {step}"}
-
-
 def fit_sample(base: Variant, data: PreparedData, corpus_emb: CachedEmbeddings, rows: int) -> np.ndarray:
     """Float embeddings of the first ``rows`` corpus sentences by ``base`` (cached ones for the teacher)."""
     if base.kind == "teacher":
@@ -69,16 +65,12 @@ def compress_variants(
             for dims in config.pca_dims:
                 result = reduce_with_pca(base.model_dir, fit, dims, folder / f"pca{dims}")
                 made.append(
-                    Variant(
+                    base.derive(
                         f"{base.name}-pca{dims}",
                         "pca",
-                        result.model_dir,
-                        parent=base.name,
-                        params={
-                            "pca_dims": str(dims),
-                            "explained_variance": f"{result.explained_variance:.4f}",
-                            **_lineage(base, f"pca{dims}"),
-                        },
+                        f"pca{dims}",
+                        {"pca_dims": str(dims), "explained_variance": f"{result.explained_variance:.4f}"},
+                        model_dir=result.model_dir,
                         build_seconds=fit_seconds + result.seconds,
                     )
                 )
@@ -87,90 +79,73 @@ def compress_variants(
 
         ranges = int8_ranges(fit, folder / "int8-ranges.npy")
         for precision in config.embedding_precisions:
+            int8 = precision == "int8"
             made.append(
-                Variant(
+                base.derive(
                     f"{base.name}-emb-{'binary' if precision == 'ubinary' else precision}",
                     "embedding-quantized",
-                    base.model_dir,
-                    parent=base.name,
+                    f"emb-{precision}",
+                    {"calibration_sentences": str(len(fit)) if int8 else "0"},
                     precision=precision,
-                    calibration_file=ranges if precision == "int8" else None,
-                    params={
-                        "calibration_sentences": str(len(fit)) if precision == "int8" else "0",
-                        **_lineage(base, f"emb-{precision}"),
-                    },
-                    build_seconds=fit_seconds if precision == "int8" else 0.0,
+                    calibration_file=ranges if int8 else None,
+                    build_seconds=fit_seconds if int8 else 0.0,
                 )
             )
         if config.torch_int8:
             made.append(
-                Variant(
+                base.derive(
                     f"{base.name}-torch-int8",
                     "quantized",
-                    base.model_dir,
-                    parent=base.name,
+                    "torch-int8",
+                    {
+                        "per_channel": str(config.torch_int8_per_channel),
+                        "exclude": ",".join(config.torch_int8_exclude),
+                    },
                     backend="torch-int8",
                     int8_exclude=config.torch_int8_exclude,
                     int8_per_channel=config.torch_int8_per_channel,
-                    params={
-                        "per_channel": str(config.torch_int8_per_channel),
-                        "exclude": ",".join(config.torch_int8_exclude),
-                        **_lineage(base, "torch-int8"),
-                    },
                 )
             )
         if not (config.onnx or config.onnx_int8):
             continue
         export = export_onnx(base.model_dir, folder / "onnx-model", kernel)
-        onnx_variants = []
+        onnx = {"model_dir": export.model_dir, "backend": "onnx"}
         if config.onnx:
-            onnx_variants.append(
-                Variant(
+            made.append(
+                base.derive(
                     f"{base.name}-onnx",
                     "quantized",
-                    export.model_dir,
-                    parent=base.name,
-                    backend="onnx",
+                    "onnx",
+                    {"onnx_file": export.fp32_file},
                     onnx_file=export.fp32_file,
-                    params={"onnx_file": export.fp32_file, **_lineage(base, "onnx")},
                     build_seconds=export.export_seconds,
+                    **onnx,
                 )
             )
-        if export.int8_file:
-            onnx_variants.append(
-                Variant(
-                    f"{base.name}-onnx-int8",
-                    "quantized",
-                    export.model_dir,
-                    parent=base.name,
-                    backend="onnx",
-                    onnx_file=export.int8_file,
-                    params={
-                        "onnx_file": export.int8_file,
-                        "kernel": str(export.kernel),
-                        **_lineage(base, f"onnx-int8-{export.kernel}"),
-                    },
-                    build_seconds=export.export_seconds + export.quantize_seconds,
-                )
-            )
-        made.extend(onnx_variants)
-        if config.chain and export.int8_file and "int8" in config.embedding_precisions:
-            int8_model = onnx_variants[-1]
+        if not export.int8_file:
+            continue
+        int8_model = base.derive(
+            f"{base.name}-onnx-int8",
+            "quantized",
+            f"onnx-int8-{export.kernel}",
+            {"onnx_file": export.int8_file, "kernel": str(export.kernel)},
+            onnx_file=export.int8_file,
+            build_seconds=export.export_seconds + export.quantize_seconds,
+            **onnx,
+        )
+        made.append(int8_model)
+        if config.chain and "int8" in config.embedding_precisions:
             start = time.perf_counter()
             sentences = read_lines(data.corpus_file)[: config.pca_fit_sentences]
             calibration = load_model(int8_model).encode(sentences, batch_size=64, convert_to_numpy=True)
-            chain_ranges = int8_ranges(calibration, folder / "onnx-int8-ranges.npy")
             made.append(
-                Variant(
+                int8_model.derive(
                     f"{int8_model.name}-emb-int8",
                     "embedding-quantized",
-                    int8_model.model_dir,
-                    parent=int8_model.name,
-                    backend="onnx",
-                    onnx_file=int8_model.onnx_file,
+                    "emb-int8",
+                    {"calibration_sentences": str(len(sentences))},
                     precision="int8",
-                    calibration_file=chain_ranges,
-                    params={"calibration_sentences": str(len(sentences)), **_lineage(int8_model, "emb-int8")},
+                    calibration_file=int8_ranges(calibration, folder / "onnx-int8-ranges.npy"),
                     build_seconds=int8_model.build_seconds + time.perf_counter() - start,
                 )
             )

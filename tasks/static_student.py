@@ -30,15 +30,14 @@ class StaticStudent:
     seconds: float
 
     def as_variant(self) -> Variant:
-        return Variant(
+        return self.source.derive(
             self.name,
             "static",
-            self.model_dir,
-            parent=self.source.name,
-            params={
-                "model2vec_pca_dims": str(self.pca_dims),
-                "lineage": f"{self.source.lineage} > static{self.pca_dims or ''}",
-            },
+            f"static{self.pca_dims or ''}",
+            {"model2vec_pca_dims": str(self.pca_dims)},
+            model_dir=self.model_dir,
+            backend="torch",
+            onnx_file=None,
             build_seconds=self.seconds,
         )
 

@@ -61,6 +61,19 @@ class Variant:
     def lineage(self) -> str:
         return self.params.get("lineage", self.name)
 
+    def derive(
+        self, name: str, kind: Kind, step: str, params: dict[str, str] | None = None, **fields: object
+    ) -> Variant:
+        """A variant made from this one by ``step``; folder and runtime inherited unless ``fields`` say."""
+        inherited = {"model_dir": self.model_dir, "backend": self.backend, "onnx_file": self.onnx_file}
+        return Variant(
+            name,
+            kind,
+            parent=self.name,
+            params={**(params or {}), "lineage": f"{self.lineage} > {step}"},
+            **{**inherited, **fields},
+        )
+
 
 def load_model(variant: Variant) -> SentenceTransformer:
     if variant.backend == "onnx":
