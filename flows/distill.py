@@ -16,7 +16,7 @@ from tasks.data import prepare_data
 from tasks.preflight import check_inputs_task
 from tasks.report import build_table, format_table, write_report
 from tasks.static_student import distill_static_task
-from tasks.students import TrainedStudent, train_student
+from tasks.students import TrainedStudent, train_light_student, train_student
 from tasks.teacher_cache import cache_teacher_embeddings
 from tasks.tracking import log_results, parent_run, setup_experiment
 from tasks.variants import Variant
@@ -28,6 +28,9 @@ def distill(config: DistillConfig | None = None) -> dict[str, object]:
 
     Args:
         config: The experiment; empty means the quick profile (MiniLM-L6 teacher, 3/2/1-layer students).
+
+    The DAG: check inputs -> data -> teacher cache -> layer-reduced and light students -> static students ->
+    compress -> benchmark -> report.
     """
     config = config or load_config()
     started = time.perf_counter()
@@ -73,6 +76,10 @@ def distill(config: DistillConfig | None = None) -> dict[str, object]:
             )
             for spec in config.students
         ]
+        students += [
+            train_light_student(spec, data, corpus_emb, config.training, run_dir / "students")
+            for spec in config.light_students
+        ]
 
         teacher = Variant("teacher", "teacher", plan.teacher_dir, params={"model": config.teacher.model})
         bases = [teacher] + [s.as_variant() for s in students]
@@ -105,7 +112,7 @@ def distill(config: DistillConfig | None = None) -> dict[str, object]:
 def static_sources(
     sources: tuple[str, ...], bases: list[Variant], students: list[TrainedStudent]
 ) -> list[Variant]:
-    """Variants to distill static students from; ``best-student`` = the best sts-dev layer-reduced student."""
+    """Variants to distill static students from; ``best-student`` = the student with the best sts-dev."""
     by_name = {v.name: v for v in bases}
     resolved: dict[str, Variant] = {}
     for source in sources:

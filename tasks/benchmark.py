@@ -64,7 +64,7 @@ class QualityResult:
 
 def encoder_key(variant: Variant) -> tuple[str, str, str]:
     """Variants with the same key run the same network and differ only in how vectors are stored."""
-    return (str(variant.model_dir), variant.backend, variant.onnx_file or "")
+    return (str(variant.model_dir), variant.backend, variant.model_file or "")
 
 
 def _score(pairs: StsPairs, lookup: dict[str, np.ndarray], variant: Variant) -> tuple[float, float]:
@@ -126,10 +126,10 @@ def evaluate_group(
 
 
 def _parameters(variant: Variant, model: object) -> int:
-    """Weights of the network; int8 Linear weights are packed (not Parameters), so count the float model."""
+    """Weights of the network; int8 weights are packed (not Parameters), so count the float model."""
     if variant.backend == "onnx":
         return _onnx_parameters(variant)
-    if variant.backend == "torch-int8":
+    if variant.backend in ("torch-int8", "openvino"):
         model = load_sentence_transformer(variant.model_dir)
     return sum(p.numel() for p in model.parameters())
 
@@ -137,7 +137,7 @@ def _parameters(variant: Variant, model: object) -> int:
 def _onnx_parameters(variant: Variant) -> int:
     import onnx
 
-    graph = onnx.load(str(Path(variant.model_dir) / str(variant.onnx_file)), load_external_data=False).graph
+    graph = onnx.load(str(Path(variant.model_dir) / str(variant.model_file)), load_external_data=False).graph
     return int(sum(np.prod(t.dims) for t in graph.initializer if len(t.dims) > 0))
 
 

@@ -1,4 +1,4 @@
-"""The compress stage: PCA sweep, ONNX fp32 / int8, embedding quantization and chains, as new variants.
+"""The compress stage: PCA sweep, torch / ONNX / OpenVINO int8, embedding quantization and chains.
 
 Each compression lives in a module of its own (``tasks.pca``, ``tasks.onnx_export``, ``tasks.variants`` for
 embedding quantization); this task decides which to apply to which base variant, fits what needs fitting on
@@ -17,6 +17,7 @@ from prefect import task
 from tasks.config import CompressionConfig
 from tasks.data import PreparedData, read_lines
 from tasks.onnx_export import export_onnx, pick_kernel
+from tasks.openvino_quant import quantize_openvino_int8
 from tasks.pca import reduce_with_pca
 from tasks.teacher_cache import CachedEmbeddings
 from tasks.variants import Variant, load_model
@@ -106,6 +107,21 @@ def compress_variants(
                     int8_per_channel=config.torch_int8_per_channel,
                 )
             )
+        if config.openvino_int8:
+            calibration = read_lines(data.corpus_file)[: config.openvino_calibration_sentences]
+            openvino = quantize_openvino_int8(base.model_dir, folder / "openvino-model", calibration)
+            made.append(
+                base.derive(
+                    f"{base.name}-openvino-int8",
+                    "quantized",
+                    "openvino-int8",
+                    {"model_file": openvino.int8_file, "calibration_sentences": str(len(calibration))},
+                    model_dir=openvino.model_dir,
+                    backend="openvino",
+                    model_file=openvino.int8_file,
+                    build_seconds=openvino.seconds,
+                )
+            )
         if not (config.onnx or config.onnx_int8):
             continue
         export = export_onnx(base.model_dir, folder / "onnx-model", kernel)
@@ -116,8 +132,8 @@ def compress_variants(
                     f"{base.name}-onnx",
                     "quantized",
                     "onnx",
-                    {"onnx_file": export.fp32_file},
-                    onnx_file=export.fp32_file,
+                    {"model_file": export.fp32_file},
+                    model_file=export.fp32_file,
                     build_seconds=export.export_seconds,
                     **onnx,
                 )
@@ -128,8 +144,8 @@ def compress_variants(
             f"{base.name}-onnx-int8",
             "quantized",
             f"onnx-int8-{export.kernel}",
-            {"onnx_file": export.int8_file, "kernel": str(export.kernel)},
-            onnx_file=export.int8_file,
+            {"model_file": export.int8_file, "kernel": str(export.kernel)},
+            model_file=export.int8_file,
             build_seconds=export.export_seconds + export.quantize_seconds,
             **onnx,
         )

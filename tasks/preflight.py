@@ -13,9 +13,10 @@ from tasks.config import DistillConfig
 from tasks.data import STSB_FILES, WIKI_FILES, find_file
 from tasks.models import resolve_model_dir
 from tasks.onnx_export import check_onnx_installed, pick_kernel
+from tasks.openvino_quant import check_openvino_installed
 from tasks.pca import check_pca_dims
 from tasks.static_student import check_model2vec_installed
-from tasks.students import count_teacher_layers, plan_layers, student_name
+from tasks.students import count_teacher_layers, light_student_name, plan_layers, student_name
 from tasks.torch_quant import check_patterns
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class Plan:
     teacher_dir: Path
     teacher_layers: int
     student_layers: dict[str, tuple[int, ...]]
+    light_students: dict[str, Path]  # name -> resolved model folder
 
 
 def check_inputs(config: DistillConfig) -> Plan:
@@ -39,14 +41,22 @@ def check_inputs(config: DistillConfig) -> Plan:
         if name in student_layers:
             raise ValueError(f"two students are both named {name!r}: give one of them a distinct name")
         student_layers[name] = layers
-    _check_compress(config, teacher_dir, student_layers)
-    _check_static(config, teacher_dir, student_layers)
+    light = _check_light_students(config, teacher_dir, set(student_layers))
+    names = [*student_layers, *light]
+    _check_compress(config, teacher_dir, names)
+    _check_static(config, teacher_dir, names)
     if config.data.source == "local":
         find_file(config.data.data_dir, STSB_FILES, "STS benchmark")
         if config.data.corpus_wiki_sentences or config.data.heldout_sentences:
             find_file(config.data.data_dir, WIKI_FILES, "Wikipedia sentence corpus")
-    log.info("teacher %s (%d layers); students %s", teacher_dir, teacher_layers, student_layers)
-    return Plan(teacher_dir, teacher_layers, student_layers)
+    log.info(
+        "teacher %s (%d layers); students %s; light students %s",
+        teacher_dir,
+        teacher_layers,
+        student_layers,
+        {name: str(path) for name, path in light.items()},
+    )
+    return Plan(teacher_dir, teacher_layers, student_layers, light)
 
 
 @task(name="check-inputs")
@@ -55,11 +65,28 @@ def check_inputs_task(config: DistillConfig) -> Plan:
     return check_inputs(config)
 
 
-def _check_compress(
-    config: DistillConfig, teacher_dir: Path, student_layers: dict[str, tuple[int, ...]]
-) -> None:
+def _check_light_students(config: DistillConfig, teacher_dir: Path, taken: set[str]) -> dict[str, Path]:
+    """Resolve each light student's model; PCA targets need a student no wider than the teacher."""
+    light: dict[str, Path] = {}
+    teacher_dim = _embedding_dim(teacher_dir)
+    for spec in config.light_students:
+        name = light_student_name(spec)
+        if name in taken or name in light:
+            raise ValueError(f"two students are both named {name!r}: give one of them a distinct name")
+        model_dir = resolve_model_dir(spec.model, "light_students[].model")
+        dim = _embedding_dim(model_dir)
+        if spec.projection == "pca" and dim > teacher_dim:
+            raise ValueError(
+                f"light_students[{name}].projection=pca: the student's dimension {dim} exceeds the teacher's "
+                f"{teacher_dim}, so PCA cannot reduce the targets to it; use projection=dense"
+            )
+        light[name] = model_dir
+    return light
+
+
+def _check_compress(config: DistillConfig, teacher_dir: Path, students: list[str]) -> None:
     compress = config.compress
-    known = ["teacher", *student_layers]
+    known = ["teacher", *students]
     for field, names in (
         ("compress.targets", compress.targets),
         ("compress.pca_targets", compress.pca_targets),
@@ -76,6 +103,8 @@ def _check_compress(
         check_onnx_installed()
         if compress.onnx_int8:
             pick_kernel(compress.onnx_kernel)
+    if compress.targets and compress.openvino_int8:
+        check_openvino_installed()
 
 
 def _embedding_dim(model_dir: Path) -> int:
@@ -90,17 +119,15 @@ def _embedding_dim(model_dir: Path) -> int:
     return dim
 
 
-def _check_static(
-    config: DistillConfig, teacher_dir: Path, student_layers: dict[str, tuple[int, ...]]
-) -> None:
+def _check_static(config: DistillConfig, teacher_dir: Path, students: list[str]) -> None:
     static = config.static
     if not static.sources:
         return
-    known = ["teacher", "best-student", *student_layers]
+    known = ["teacher", "best-student", *students]
     unknown = [n for n in static.sources if n not in known]
     if unknown:
         raise ValueError(f"static.sources: {unknown} name no variant; choose from {known}")
-    if "best-student" in static.sources and not student_layers:
+    if "best-student" in static.sources and not students:
         raise ValueError("static.sources names best-student but no students are configured")
     dim = _embedding_dim(teacher_dir)
     if static.pca_dims is not None and static.pca_dims > dim:

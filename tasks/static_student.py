@@ -37,7 +37,7 @@ class StaticStudent:
             {"model2vec_pca_dims": str(self.pca_dims)},
             model_dir=self.model_dir,
             backend="torch",
-            onnx_file=None,
+            model_file=None,
             build_seconds=self.seconds,
         )
 

@@ -1,5 +1,15 @@
-"""Layer-reduced students: keep some of the teacher's transformer layers, then train them with MSELoss
-against the cached teacher embeddings (sentence-transformers' Trainer), keeping the best sts-dev checkpoint.
+"""Transformer students, trained with sentence-transformers' Trainer against the cached teacher embeddings.
+
+Two ways to get a student (the two options of sentence-transformers' "Model Distillation" example):
+
+- **layer-reduced**: the teacher with some of its transformer layers removed;
+- **light**: any smaller pretrained model. When its dimension differs from the teacher's, either the teacher
+  targets are PCA-reduced to the student's dimension (``projection="pca"``, the default, as the example does)
+  or a trainable ``Dense`` layer maps the student into the teacher's space (``projection="dense"``).
+
+Losses: ``MSELoss`` to the teacher's sentence embeddings; optionally plus ``CoSENTLoss`` on the STS-B train
+labels, or plus hidden-state MSE between each kept layer and the teacher layer it came from
+(:class:`HiddenStateMSELoss`, layer-reduced students only). The best sts-dev checkpoint is kept.
 """
 
 from __future__ import annotations
@@ -8,18 +18,19 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from prefect import task
 
-from tasks.config import StudentSpec, TrainingConfig
+from tasks.config import LightStudentSpec, StudentSpec, TrainingConfig
 from tasks.data import PreparedData, read_lines, read_sts
 from tasks.files import atomic_dir
-from tasks.models import load_sentence_transformer
+from tasks.models import load_sentence_transformer, resolve_model_dir
+from tasks.pca import fit_pca
 from tasks.teacher_cache import CachedEmbeddings
 from tasks.variants import Variant
 
@@ -36,26 +47,21 @@ class LayerSpecError(ValueError):
 @dataclass(frozen=True)
 class TrainedStudent:
     name: str
+    kind: Literal["layer-reduced", "light"]
     model_dir: Path
-    layers: tuple[int, ...]
-    teacher_layers: int
     best_dev_spearman: float | None
     train_seconds: float
     train_sentences: int
     loss: str = "mse"
+    params: dict[str, str] = field(default_factory=dict)  # layers kept, or base model and projection
 
     def as_variant(self) -> Variant:
         return Variant(
             self.name,
-            "layer-reduced",
+            self.kind,
             self.model_dir,
             parent="teacher",
-            params={
-                "layers": ",".join(map(str, self.layers)),
-                "num_layers": str(len(self.layers)),
-                "lineage": f"teacher > {self.name}",
-                "loss": self.loss,
-            },
+            params={**self.params, "lineage": f"teacher > {self.name}", "loss": self.loss},
             build_seconds=self.train_seconds,
         )
 
@@ -89,6 +95,11 @@ def plan_layers(teacher_layers: int, spec: StudentSpec) -> tuple[int, ...]:
 def student_name(spec: StudentSpec, layers: tuple[int, ...], teacher_layers: int) -> str:
     suffix = "" if spec.loss == "mse" else "-" + spec.loss.replace("mse+", "")
     return spec.name or f"layers-{len(layers)}of{teacher_layers}{suffix}"
+
+
+def light_student_name(spec: LightStudentSpec) -> str:
+    suffix = "" if spec.loss == "mse" else "-" + spec.loss.replace("mse+", "")
+    return spec.name or f"light-{Path(spec.model).name.lower()}-{spec.projection}{suffix}"
 
 
 def transformer_layers(model: SentenceTransformer) -> torch.nn.ModuleList:
@@ -128,58 +139,86 @@ def _distillation_dataset(sentences: list[str], targets: np.ndarray):
     return Dataset(pa.table({"sentence": pa.array(sentences, pa.string()), "label": labels}))
 
 
-def train_layer_reduced(
-    teacher_dir: Path,
-    spec: StudentSpec,
+class HiddenStateMSELoss(torch.nn.Module):
+    """MSE to the teacher's sentence embedding plus ``weight`` x the hidden-state MSE of every kept layer.
+
+    Student layer ``i`` was copied from teacher layer ``teacher_layers[i]``; its output hidden states are
+    pulled towards that teacher layer's outputs on the same tokens (padding masked), as in TinyBERT's
+    intermediate-layer distillation. The teacher runs frozen, on the fly, on the student's own batch.
+    """
+
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        teacher: SentenceTransformer,
+        teacher_layers: tuple[int, ...],
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher_layers = teacher_layers
+        self.weight = weight
+
+    def forward(self, sentence_features: list[dict[str, torch.Tensor]], labels: torch.Tensor) -> torch.Tensor:
+        features = sentence_features[0]
+        config = self.model[0].auto_model.config
+        previous, config.output_hidden_states = config.output_hidden_states, True
+        try:
+            output = self.model(dict(features))
+        finally:
+            config.output_hidden_states = previous
+        embedding_loss = torch.nn.functional.mse_loss(output["sentence_embedding"], labels)
+        with torch.no_grad():
+            inputs = {
+                k: v for k, v in features.items() if k in ("input_ids", "attention_mask", "token_type_ids")
+            }
+            teacher_hidden = self.teacher[0].auto_model(**inputs, output_hidden_states=True).hidden_states
+        mask = features["attention_mask"].unsqueeze(-1).to(output["sentence_embedding"].dtype)
+        tokens = mask.sum() * teacher_hidden[0].shape[-1]
+        student_hidden = output["all_layer_embeddings"]
+        layer_losses = [
+            (((student_hidden[i + 1] - teacher_hidden[t + 1]) ** 2) * mask).sum() / tokens
+            for i, t in enumerate(self.teacher_layers)
+        ]
+        return embedding_loss + self.weight * torch.stack(layer_losses).mean()
+
+    def get_config_dict(self) -> dict[str, object]:
+        return {"teacher_layers": list(self.teacher_layers), "weight": self.weight}
+
+
+def _stsb_pairs(data: PreparedData):
+    from datasets import Dataset
+
+    train = read_sts(data.sts_file("train"))
+    return Dataset.from_dict(
+        {"sentence1": train.sentences1, "sentence2": train.sentences2, "score": train.scores}
+    )
+
+
+def _fit(
+    model: SentenceTransformer,
+    name: str,
+    train_dataset: object,
+    loss: object,
     data: PreparedData,
-    corpus_embeddings: CachedEmbeddings,
     training: TrainingConfig,
-    out_root: Path,
-    *,
-    max_seq_length: int | None = None,
-    trust_remote_code: bool = False,
-) -> TrainedStudent:
-    """Build the student from the teacher, train it, save the best checkpoint to ``out_root/<name>/model``."""
+    student_dir: Path,
+) -> tuple[Path, float | None]:
+    """Train with the Trainer, score sts-dev during training, save the best checkpoint to ``<dir>/model``."""
     from sentence_transformers.sentence_transformer import (
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
         evaluation,
-        losses,
     )
 
-    teacher_layers = count_teacher_layers(teacher_dir)
-    layers = plan_layers(teacher_layers, spec)
-    name = student_name(spec, layers, teacher_layers)
-    start = time.perf_counter()
-
-    model = load_sentence_transformer(
-        teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code
-    )
-    reduce_layers(model, layers)
-    log.info("student %s keeps teacher layers %s of %d", name, list(layers), teacher_layers)
-
-    sentences = read_lines(data.corpus_file)
-    targets = corpus_embeddings.load()
-    if len(sentences) != targets.shape[0]:
-        raise ValueError(f"corpus has {len(sentences)} sentences but {targets.shape[0]} cached embeddings")
-    train_dataset = _distillation_dataset(sentences, targets)
-    loss = losses.MSELoss(model)
-    if spec.loss == "mse+cosent":  # add the STS-B train labels; the trainer samples both datasets
-        from datasets import Dataset
-
-        train = read_sts(data.sts_file("train"))
-        pairs = Dataset.from_dict(
-            {"sentence1": train.sentences1, "sentence2": train.sentences2, "score": train.scores}
-        )
-        train_dataset = {"distill": train_dataset, "stsb": pairs}
-        loss = {"distill": loss, "stsb": losses.CoSENTLoss(model)}
     dev = read_sts(data.sts_file("dev"))
     dev_evaluator = evaluation.EmbeddingSimilarityEvaluator(
         dev.sentences1, dev.sentences2, dev.scores, name="sts-dev", batch_size=training.batch_size
     )
-
-    student_dir = Path(out_root) / name
-    rows = sum(len(d) for d in train_dataset.values()) if isinstance(train_dataset, dict) else len(sentences)
+    rows = (
+        sum(len(d) for d in train_dataset.values()) if isinstance(train_dataset, dict) else len(train_dataset)
+    )
     steps_per_epoch = max(1, -(-rows // training.batch_size))
     eval_steps = max(1, steps_per_epoch // training.evaluations_per_epoch)
     args = SentenceTransformerTrainingArguments(
@@ -205,49 +244,170 @@ def train_layer_reduced(
         disable_tqdm=False,
     )
     trainer = SentenceTransformerTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        loss=loss,
-        evaluator=dev_evaluator,
+        model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=dev_evaluator
     )
+    log.info("training student %s on %d rows (%d steps per epoch)", name, rows, steps_per_epoch)
     trainer.train()
-    best = trainer.state.best_metric
-
     final = student_dir / "model"
     with atomic_dir(final) as tmp:
         model.save(str(tmp))
     shutil.rmtree(student_dir / "checkpoints", ignore_errors=True)
-    seconds = time.perf_counter() - start
+    return final, trainer.state.best_metric
+
+
+def _targets(data: PreparedData, corpus_embeddings: CachedEmbeddings) -> tuple[list[str], np.ndarray]:
+    sentences = read_lines(data.corpus_file)
+    targets = corpus_embeddings.load()
+    if len(sentences) != targets.shape[0]:
+        raise ValueError(f"corpus has {len(sentences)} sentences but {targets.shape[0]} cached embeddings")
+    return sentences, np.asarray(targets, dtype=np.float32)
+
+
+def _losses(model: SentenceTransformer, spec_loss: str, data: PreparedData, distill: object, loss: object):
+    """The distillation dataset and loss, plus CoSENT on the STS-B train pairs for ``mse+cosent``."""
+    from sentence_transformers.sentence_transformer import losses
+
+    if spec_loss != "mse+cosent":
+        return distill, loss
+    # The trainer draws batches from both datasets in proportion to their sizes.
+    return {"distill": distill, "stsb": _stsb_pairs(data)}, {
+        "distill": loss,
+        "stsb": losses.CoSENTLoss(model),
+    }
+
+
+def _log_done(name: str, sentences: int, seconds: float, best: float | None) -> None:
     log.info(
         "student %s trained on %d sentences in %.0f s; best sts-dev Spearman %.4f",
         name,
-        len(sentences),
+        sentences,
         seconds,
         best if best is not None else float("nan"),
     )
-    return TrainedStudent(name, final, layers, teacher_layers, best, seconds, len(sentences), spec.loss)
 
 
-@task(name="train-layer-reduced-student", log_prints=False)  # trainer output stays on stdout
-def train_student(
+def train_layer_reduced(
     teacher_dir: Path,
     spec: StudentSpec,
     data: PreparedData,
     corpus_embeddings: CachedEmbeddings,
     training: TrainingConfig,
     out_root: Path,
+    *,
     max_seq_length: int | None = None,
     trust_remote_code: bool = False,
 ) -> TrainedStudent:
-    """Prefect task around :func:`train_layer_reduced`."""
-    return train_layer_reduced(
-        teacher_dir,
-        spec,
-        data,
-        corpus_embeddings,
-        training,
-        out_root,
-        max_seq_length=max_seq_length,
-        trust_remote_code=trust_remote_code,
+    """Build the student from the teacher, train it, save the best checkpoint to ``out_root/<name>/model``."""
+    from sentence_transformers.sentence_transformer import losses
+
+    teacher_layers = count_teacher_layers(teacher_dir)
+    layers = plan_layers(teacher_layers, spec)
+    name = student_name(spec, layers, teacher_layers)
+    start = time.perf_counter()
+
+    model = load_sentence_transformer(
+        teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code
     )
+    reduce_layers(model, layers)
+    log.info("student %s keeps teacher layers %s of %d", name, list(layers), teacher_layers)
+
+    sentences, targets = _targets(data, corpus_embeddings)
+    if spec.loss == "mse+hidden":
+        teacher = load_sentence_transformer(
+            teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code
+        )
+        loss: object = HiddenStateMSELoss(model, teacher, layers, training.hidden_loss_weight)
+    else:
+        loss = losses.MSELoss(model)
+    train_dataset, loss = _losses(model, spec.loss, data, _distillation_dataset(sentences, targets), loss)
+    final, best = _fit(model, name, train_dataset, loss, data, training, Path(out_root) / name)
+    seconds = time.perf_counter() - start
+    _log_done(name, len(sentences), seconds, best)
+    params = {
+        "layers": ",".join(map(str, layers)),
+        "num_layers": str(len(layers)),
+        "teacher_layers": str(teacher_layers),
+    }
+    if spec.loss == "mse+hidden":
+        params["hidden_loss_weight"] = str(training.hidden_loss_weight)
+    return TrainedStudent(name, "layer-reduced", final, best, seconds, len(sentences), spec.loss, params)
+
+
+def project_student(
+    model: SentenceTransformer, targets: np.ndarray, projection: str, seed: int = 42
+) -> tuple[np.ndarray, dict[str, str], object | None]:
+    """Match a light student's output to the teacher's dimension; returns the (new) targets, params, PCA.
+
+    ``pca``: teacher targets reduced to the student's dimension (re-normalized when the student normalizes).
+    ``dense``: a trainable Dense layer (student dim -> teacher dim) before the student's Normalize, if any.
+    """
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+
+    student_dim = model.get_embedding_dimension()
+    teacher_dim = targets.shape[1]
+    params = {"student_dim": str(student_dim), "teacher_dim": str(teacher_dim), "projection": projection}
+    if student_dim == teacher_dim:
+        params["projection"] = "none"
+        return targets, params, None
+    normalizes = isinstance(model[-1], Normalize)
+    if projection == "pca":
+        pca = fit_pca(targets, student_dim, seed)
+        reduced = pca.transform(targets).astype(np.float32)
+        if normalizes:
+            reduced /= np.maximum(np.linalg.norm(reduced, axis=1, keepdims=True), 1e-12)
+        params["pca_explained_variance"] = f"{pca.explained_variance_ratio_.sum():.4f}"
+        return reduced, params, pca
+    torch.manual_seed(seed)
+    dense = Dense(student_dim, teacher_dim, bias=True, activation_function=torch.nn.Identity())
+    if normalizes:
+        del model[len(model) - 1]
+    model.append(dense)
+    if normalizes:
+        model.append(Normalize())
+    return targets, params, None
+
+
+def save_teacher_projection(pca: object, model_dir: Path) -> Path:
+    """PCA of the teacher space the student was trained into: ``teacher_pca.npz`` (components, mean), so
+    existing teacher vectors can be projected into the student's space (load with ``allow_pickle=False``)."""
+    path = Path(model_dir) / "teacher_pca.npz"
+    np.savez(path, components=pca.components_.astype(np.float32), mean=pca.mean_.astype(np.float32))
+    return path
+
+
+def train_light(
+    spec: LightStudentSpec,
+    data: PreparedData,
+    corpus_embeddings: CachedEmbeddings,
+    training: TrainingConfig,
+    out_root: Path,
+) -> TrainedStudent:
+    """Train a smaller pretrained model against the teacher's (projected) embeddings."""
+    from sentence_transformers.sentence_transformer import losses
+
+    name = light_student_name(spec)
+    start = time.perf_counter()
+    model_dir = resolve_model_dir(spec.model, "light_students[].model")
+    model = load_sentence_transformer(
+        model_dir, max_seq_length=spec.max_seq_length, trust_remote_code=spec.trust_remote_code
+    )
+    sentences, targets = _targets(data, corpus_embeddings)
+    targets, params, pca = project_student(model, targets, spec.projection, training.seed)
+    log.info("light student %s from %s: %s", name, model_dir, params)
+    loss = losses.MSELoss(model)
+    train_dataset, loss = _losses(model, spec.loss, data, _distillation_dataset(sentences, targets), loss)
+    if spec.learning_rate is not None:
+        training = training.model_copy(update={"learning_rate": spec.learning_rate})
+    params["learning_rate"] = str(training.learning_rate)
+    final, best = _fit(model, name, train_dataset, loss, data, training, Path(out_root) / name)
+    if pca is not None:
+        save_teacher_projection(pca, final)
+    seconds = time.perf_counter() - start
+    _log_done(name, len(sentences), seconds, best)
+    params["base_model"] = spec.model
+    return TrainedStudent(name, "light", final, best, seconds, len(sentences), spec.loss, params)
+
+
+# Prefect tasks; their logic stays callable as plain functions (``task.fn`` is the function itself).
+train_student = task(train_layer_reduced, name="train-layer-reduced-student", log_prints=False)
+train_light_student = task(train_light, name="train-light-student", log_prints=False)

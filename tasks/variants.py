@@ -1,4 +1,4 @@
-"""A variant = a model folder plus how to run it (torch / ONNX file) and how its vectors are stored.
+"""A variant = a model folder plus how to run it (torch / ONNX / OpenVINO) and how its vectors are stored.
 
 Every row of the trade-off table is a ``Variant``. ``load_model`` and ``encode`` are the one place that knows
 how to run each kind, so quality, MSE and speed are measured the same way for all of them.
@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["teacher", "layer-reduced", "light", "static", "pca", "quantized", "embedding-quantized"]
 Precision = Literal["float32", "int8", "ubinary"]
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".xml")
+# Files beside a graph that hold its weights: ONNX external data, OpenVINO's .bin next to the .xml.
+_COMPANIONS = {".onnx": ".onnx_data", ".xml": ".bin"}
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,8 @@ class Variant:
         kind: teacher / layer-reduced / light / static / pca / quantized / embedding-quantized.
         model_dir: SentenceTransformer folder.
         parent: The variant this one was made from (lineage).
-        backend: ``torch``, ``onnx`` or ``torch-int8`` (dynamic int8 applied at load).
-        onnx_file: ONNX file inside ``model_dir`` (e.g. ``onnx/model_qint8_avx2.onnx``).
+        backend: ``torch``, ``onnx``, ``openvino`` or ``torch-int8`` (dynamic int8 applied at load).
+        model_file: ONNX / OpenVINO file inside ``model_dir`` (e.g. ``onnx/model_qint8_avx2.onnx``).
         precision: How output vectors are stored: float32, int8 (calibrated ranges) or ubinary (1 bit/dim).
         calibration_file: ``.npy`` with the int8 ranges (2 x dim: per-dimension min and max).
         int8_exclude: For ``torch-int8``: regexes of module names kept in float32.
@@ -48,8 +50,8 @@ class Variant:
     kind: Kind
     model_dir: Path
     parent: str | None = None
-    backend: Literal["torch", "onnx", "torch-int8"] = "torch"
-    onnx_file: str | None = None
+    backend: Literal["torch", "onnx", "openvino", "torch-int8"] = "torch"
+    model_file: str | None = None
     precision: Precision = "float32"
     calibration_file: Path | None = None
     int8_exclude: tuple[str, ...] = ()  # torch-int8: module-name regexes left in float32
@@ -65,7 +67,7 @@ class Variant:
         self, name: str, kind: Kind, step: str, params: dict[str, str] | None = None, **fields: object
     ) -> Variant:
         """A variant made from this one by ``step``; folder and runtime inherited unless ``fields`` say."""
-        inherited = {"model_dir": self.model_dir, "backend": self.backend, "onnx_file": self.onnx_file}
+        inherited = {"model_dir": self.model_dir, "backend": self.backend, "model_file": self.model_file}
         return Variant(
             name,
             kind,
@@ -76,9 +78,9 @@ class Variant:
 
 
 def load_model(variant: Variant) -> SentenceTransformer:
-    if variant.backend == "onnx":
+    if variant.backend in ("onnx", "openvino"):
         return load_sentence_transformer(
-            variant.model_dir, backend="onnx", model_kwargs={"file_name": variant.onnx_file}
+            variant.model_dir, backend=variant.backend, model_kwargs={"file_name": variant.model_file}
         )
     model = load_sentence_transformer(variant.model_dir)
     if variant.backend == "torch-int8":
@@ -124,11 +126,11 @@ def bytes_per_vector(dim: int, precision: Precision) -> int:
 
 
 def size_bytes(variant: Variant, model: SentenceTransformer | None = None) -> int:
-    """On-disk size of what this variant needs: its weights (the .onnx file for ONNX, the int8 state dict
-    for torch-int8, given the loaded ``model``) plus the non-weight files."""
+    """On-disk size of what this variant needs: its weights (the graph file and its weights for ONNX and
+    OpenVINO, the int8 state dict for torch-int8, given the loaded ``model``) plus the non-weight files."""
     root = Path(variant.model_dir)
     if variant.backend == "torch":
-        return dir_size_bytes(root, exclude=("checkpoints", "onnx"))
+        return dir_size_bytes(root, exclude=("checkpoints", "onnx", "openvino"))
     non_weights = sum(
         p.stat().st_size
         for p in root.rglob("*")
@@ -142,6 +144,7 @@ def size_bytes(variant: Variant, model: SentenceTransformer | None = None) -> in
         if model is None:
             raise ValueError("the size of a torch-int8 variant needs its loaded model")
         return non_weights + state_dict_bytes(model)
-    onnx = root / str(variant.onnx_file)
-    data = onnx.with_name(onnx.name + "_data")
-    return non_weights + onnx.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    graph = root / str(variant.model_file)
+    companion = graph.with_suffix(_COMPANIONS.get(graph.suffix, graph.suffix))
+    weights = companion.stat().st_size if companion != graph and companion.exists() else 0
+    return non_weights + graph.stat().st_size + weights

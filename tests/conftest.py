@@ -63,8 +63,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
 
 
-def tiny_config(model_dir: Path, data_dir: Path, root: Path) -> dict:
+@pytest.fixture(scope="session")
+def tiny_light_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A narrower (16-d, 2-layer) random BERT: a light pretrained student for the 32-d tiny teacher."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-light-bert"), num_layers=2, hidden=16, seed=1)
+
+
+def tiny_config(model_dir: Path, data_dir: Path, root: Path, light_model_dir: Path | None = None) -> dict:
     """A config that runs the whole DAG on the tiny model in seconds, everything under ``root``."""
+    light = [{"model": str(light_model_dir), "name": "light", "projection": "pca"}] if light_model_dir else []
     return {
         "profile": "test",
         "work_dir": str(root / "work"),
@@ -78,9 +85,15 @@ def tiny_config(model_dir: Path, data_dir: Path, root: Path) -> dict:
             "heldout_suite_max_pairs": 40,
         },
         "students": [{"num_layers": 2}, {"layers": [0, 3], "name": "ends"}],
+        "light_students": light,
         "training": {"batch_size": 32, "evaluations_per_epoch": 2},
         "static": {"sources": ["teacher", "ends"], "pca_dims": 16},
-        "compress": {"targets": ["teacher", "ends"], "pca_dims": [16, 8], "pca_fit_sentences": 100},
+        "compress": {
+            "targets": ["teacher", "ends"],
+            "pca_dims": [16, 8],
+            "pca_fit_sentences": 100,
+            "openvino_calibration_sentences": 20,
+        },
         "benchmark": {"speed_sentences": 60, "batch_size": 32, "repeats": 2, "warmup_batches": 1},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "test"},
     }

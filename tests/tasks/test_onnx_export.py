@@ -33,8 +33,8 @@ def test_export_fp32_and_int8_load_and_encode(tiny_model_dir: Path, tmp_path: Pa
     assert export.fp32_file == "onnx/model.onnx" and export.int8_file and export.kernel in export.int8_file
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     reference = load_model(Variant("t", "teacher", tiny_model_dir)).encode(["a short sentence"])
-    for onnx_file, tolerance in ((export.fp32_file, 1e-4), (export.int8_file, None)):
-        variant = Variant("o", "quantized", export.model_dir, backend="onnx", onnx_file=onnx_file)
+    for model_file, tolerance in ((export.fp32_file, 1e-4), (export.int8_file, None)):
+        variant = Variant("o", "quantized", export.model_dir, backend="onnx", model_file=model_file)
         out = encode(load_model(variant), variant, ["a short sentence"], batch_size=4)
         assert out.shape == (1, 32) and out.dtype == np.float32
         if tolerance:

@@ -1,11 +1,22 @@
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from tasks.config import DataConfig, StudentSpec, TrainingConfig
-from tasks.data import prepare_data
+from tasks.config import DataConfig, LightStudentSpec, StudentSpec, TrainingConfig
+from tasks.data import PreparedData, prepare_data
 from tasks.models import load_sentence_transformer
-from tasks.students import LayerSpecError, plan_layers, reduce_layers, train_layer_reduced
+from tasks.students import (
+    HiddenStateMSELoss,
+    LayerSpecError,
+    light_student_name,
+    plan_layers,
+    project_student,
+    reduce_layers,
+    train_layer_reduced,
+    train_light,
+)
 from tasks.teacher_cache import get_or_encode
 
 
@@ -61,20 +72,25 @@ def test_reduced_model_saves_and_reloads(tiny_model_dir: Path, tmp_path: Path) -
     assert reloaded.encode(["a short sentence"]).shape == (1, 32)
 
 
-@pytest.mark.parametrize(("loss", "name"), [("mse", "layers-2of4"), ("mse+cosent", "layers-2of4-cosent")])
+def _small_data(data_dir: Path, root: Path) -> PreparedData:
+    config = DataConfig(
+        data_dir=data_dir,
+        corpus_wiki_sentences=96,
+        include_stsb_train=False,
+        heldout_sentences=20,
+        max_eval_pairs=40,
+    )
+    return prepare_data.fn(config, root)
+
+
+@pytest.mark.parametrize(
+    ("loss", "name"),
+    [("mse", "layers-2of4"), ("mse+cosent", "layers-2of4-cosent"), ("mse+hidden", "layers-2of4-hidden")],
+)
 def test_training_keeps_best_checkpoint(
     tiny_model_dir: Path, data_dir: Path, tmp_path: Path, loss, name
 ) -> None:
-    data = prepare_data.fn(
-        DataConfig(
-            data_dir=data_dir,
-            corpus_wiki_sentences=96,
-            include_stsb_train=False,
-            heldout_sentences=20,
-            max_eval_pairs=40,
-        ),
-        tmp_path,
-    )
+    data = _small_data(data_dir, tmp_path)
     corpus = get_or_encode(tiny_model_dir, data.corpus_file, tmp_path / "cache")
     student = train_layer_reduced(
         tiny_model_dir,
@@ -84,10 +100,86 @@ def test_training_keeps_best_checkpoint(
         TrainingConfig(batch_size=32, evaluations_per_epoch=3),
         tmp_path / "students",
     )
-    assert student.name == name and student.layers == (0, 3) and student.loss == loss
-    assert student.as_variant().params["loss"] == loss
+    variant = student.as_variant()
+    assert student.name == name and student.kind == "layer-reduced" and student.loss == loss
+    assert variant.params["loss"] == loss and variant.params["layers"] == "0,3"
+    assert variant.kind == "layer-reduced" and variant.parent == "teacher"
     assert student.best_dev_spearman is not None
     assert (student.model_dir / "modules.json").is_file()
     assert not (student.model_dir.parent / "checkpoints").exists()
     reloaded = load_sentence_transformer(student.model_dir)
     assert reloaded[0].auto_model.config.num_hidden_layers == 2
+    assert not reloaded[0].auto_model.config.output_hidden_states  # the loss switched it on only per batch
+
+
+def _batch(model, sentences: list[str]) -> dict[str, torch.Tensor]:
+    return dict(model.preprocess(sentences))
+
+
+def test_hidden_state_loss_is_zero_for_the_teacher_itself_and_grows_with_removed_layers(
+    tiny_model_dir: Path,
+) -> None:
+    sentences = ["a man is playing", "the cat is on the mat", "a dog"]
+    teacher = load_sentence_transformer(tiny_model_dir)
+    labels = torch.tensor(teacher.encode(sentences))
+    same = load_sentence_transformer(tiny_model_dir).eval()
+    identical = HiddenStateMSELoss(same, teacher, (0, 1, 2, 3), weight=1.0)
+    assert identical([_batch(same, sentences)], labels).item() == pytest.approx(0.0, abs=1e-10)
+
+    student = reduce_layers(load_sentence_transformer(tiny_model_dir).eval(), (0, 3))
+    mismatched = HiddenStateMSELoss(student, teacher, (0, 3), weight=1.0)
+    embedding_only = HiddenStateMSELoss(student, teacher, (0, 3), weight=0.0)
+    batch = _batch(student, sentences)
+    total = mismatched([batch], labels)
+    assert total.item() > embedding_only([batch], labels).item() > 0
+    total.backward()
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher stays frozen
+    assert student[0].auto_model.encoder.layer[1].output.dense.weight.grad is not None
+
+
+def test_pca_projection_reduces_and_normalizes_the_targets(tiny_light_model_dir: Path) -> None:
+    model = load_sentence_transformer(tiny_light_model_dir)
+    targets = np.random.default_rng(0).normal(size=(200, 32)).astype(np.float32)
+    reduced, params, pca = project_student(model, targets, "pca")
+    assert reduced.shape == (200, 16) and reduced.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(reduced, axis=1), 1.0, rtol=1e-5)
+    assert params["projection"] == "pca" and pca is not None
+    assert model.get_embedding_dimension() == 16  # the student itself is unchanged
+
+
+def test_dense_projection_maps_the_student_into_the_teacher_space(tiny_light_model_dir: Path) -> None:
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+
+    model = load_sentence_transformer(tiny_light_model_dir)
+    targets = np.ones((10, 32), dtype=np.float32)
+    same, params, pca = project_student(model, targets, "dense")
+    assert same is targets and pca is None and params["projection"] == "dense"
+    assert isinstance(model[-2], Dense) and isinstance(model[-1], Normalize)
+    vectors = model.encode(["a dog"])
+    assert vectors.shape == (1, 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("projection", "dim"), [("pca", 16), ("dense", 32)])
+def test_light_student_trains_saves_and_encodes(
+    tiny_model_dir: Path,
+    tiny_light_model_dir: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    projection: str,
+    dim: int,
+) -> None:
+    data = _small_data(data_dir, tmp_path)
+    corpus = get_or_encode(tiny_model_dir, data.corpus_file, tmp_path / "cache")
+    spec = LightStudentSpec(model=str(tiny_light_model_dir), projection=projection)
+    student = train_light(spec, data, corpus, TrainingConfig(batch_size=32), tmp_path / "students")
+    assert student.name == light_student_name(spec) == f"light-st-{projection}"
+    assert student.kind == "light" and student.as_variant().kind == "light"
+    assert student.best_dev_spearman is not None
+    vectors = load_sentence_transformer(student.model_dir).encode(["a man is playing"])
+    assert vectors.shape == (1, dim) and vectors.dtype == np.float32
+    saved_pca = student.model_dir / "teacher_pca.npz"
+    assert saved_pca.is_file() == (projection == "pca")
+    if projection == "pca":
+        with np.load(saved_pca, allow_pickle=False) as arrays:
+            assert arrays["components"].shape == (16, 32) and arrays["mean"].shape == (32,)
