@@ -1,4 +1,5 @@
 # Two commands do everything: `make run` (the quick distillation) and `make test`.
+# As a service: `make stack` (Prefect server + MLflow server + worker, deployments applied), `make stack-stop`.
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ export DISTILL_DATA_DIR ?= $(DATA_DIR)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv install run test lint clean
+.PHONY: venv install run test lint clean stack stack-stop stack-status deploy screenshots
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +23,19 @@ install: $(VENV)/.installed
 run: install
 	$(PY) -m flows.cli run $(ARGS)
 
+stack: install
+	$(PY) -m deployments.stack start $(STACK_ARGS)
+
+stack-stop:
+	$(PY) -m deployments.stack stop $(STACK_ARGS)
+
+stack-status:
+	$(PY) -m deployments.stack status $(STACK_ARGS)
+
+# Apply the deployments to the server PREFECT_API_URL names (make stack does this for its own server).
+deploy: install
+	$(PY) -m deployments.deploy
+
 test: install
 	$(VENV)/bin/ruff check flows tasks tests scripts deployments
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -31,4 +45,5 @@ lint: install
 	$(VENV)/bin/ruff format --check flows tasks tests scripts deployments
 
 clean:
+	-test -x $(PY) && $(PY) -m deployments.stack stop
 	rm -rf .distill

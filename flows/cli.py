@@ -3,6 +3,7 @@
 Examples::
 
     distill run                                   # quick profile, DISTILL_DATA_DIR data
+    distill run --profile smoke                   # the whole DAG in about 2 minutes
     distill run --profile full
     distill run --config my.yaml --set data.corpus_wiki_sentences=5000 --set training.epochs=2
     distill show-config --profile full            # the resolved, validated config as YAML
@@ -14,6 +15,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import get_args
+
+from tasks.config import ProfileName
 
 # Prefect reads these at import: a temporary local server needs more than the default 20 s to start on
 # small machines, and analytics only add "database is locked" noise.
@@ -33,7 +37,11 @@ def _parser() -> argparse.ArgumentParser:
         ("show-config", "print the resolved config"),
     ):
         cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("--profile", default="quick", help="named profile: quick (default) or full")
+        cmd.add_argument(
+            "--profile",
+            choices=get_args(ProfileName),
+            help="named profile the config starts from (default: the config file's, else quick)",
+        )
         cmd.add_argument("--config", type=Path, help="YAML file with overrides of the profile")
         cmd.add_argument(
             "--set",
@@ -52,14 +60,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(key, value)
 
     import yaml
-    from pydantic import ValidationError
 
-    from tasks.config import load_config
+    from tasks.config import ConfigError, read_overrides, resolve_config
 
     try:
-        config = load_config(args.profile, args.config, args.overrides)
-    except (ValidationError, ValueError, FileNotFoundError) as exc:
-        print(f"distill: invalid configuration:\n{exc}", file=sys.stderr)
+        overrides = read_overrides(args.config, args.overrides)
+        config = resolve_config(args.profile, overrides)
+    except ConfigError as exc:
+        print(f"distill: {exc}", file=sys.stderr)
         return 2
     if args.command == "show-config":
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
@@ -74,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from flows.distill import distill
 
-    distill(config)
+    # The flow gets what was asked for (profile + overrides), as a deployment run would, and resolves it
+    # the same way; the Prefect UI shows these as the flow run's parameters.
+    distill(profile=config.profile, overrides=overrides)
     return 0
 
 

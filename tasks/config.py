@@ -7,15 +7,33 @@ validated once, at the edge, and then passed around unchanged.
 
 from __future__ import annotations
 
+import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DATA_DIR_ENV = "DISTILL_DATA_DIR"
 WORK_DIR_ENV = "DISTILL_WORK_DIR"
+
+ProfileName = Literal["smoke", "quick", "full"]
+StudentLoss = Literal["mse", "mse+cosent", "mse+hidden"]
+# Compression techniques as a person picks them in the Prefect form (``compressions``).
+Technique = Literal[
+    "pca", "torch-int8", "onnx", "onnx-int8", "openvino-int8", "emb-int8", "emb-binary", "chain"
+]
+TECHNIQUES: tuple[str, ...] = get_args(Technique)
+
+
+# A target / source name that stands for the student with the best sts-dev score, resolved after training.
+BEST_STUDENT = "best-student"
+
+
+class ConfigError(ValueError):
+    """A configuration that does not validate; the message names each field and what is wrong with it."""
 
 
 class _Frozen(BaseModel):
@@ -53,9 +71,10 @@ class DataConfig(_Frozen):
         max_eval_pairs: Cap STS-B dev/test pairs (for smoke tests); ``None`` uses every pair.
         heldout_suites: Extra STS-style evaluation files (``dataset subset line score sentence1 sentence2``
             columns, like ``sts12-16.tsv.gz``), relative to ``data_dir`` or absolute; one column per
-            ``dataset`` value. Never used for training or model selection.
-        heldout_suite_max_pairs: Pairs scored per held-out dataset (a fixed, seeded random sample across its
-            subsets); ``None`` scores all.
+            ``dataset`` value. Decontaminated: a pair that is an STS-B train/dev pair, or has a sentence
+            of STS-B train/dev or of the corpus, is dropped before sampling.
+        heldout_suite_max_pairs: Pairs scored per held-out dataset (a fixed, seeded random sample of its
+            clean pairs); ``None`` scores all.
     """
 
     source: Literal["local", "hub"] = "local"
@@ -79,22 +98,24 @@ class DataConfig(_Frozen):
 
 
 class StudentSpec(_Frozen):
-    """A student made from the teacher by keeping some of its transformer layers.
+    """A student made from the teacher by keeping some of its layers (set num_layers or layers)."""
 
-    Args:
-        num_layers: Keep this many layers, evenly spaced, always the first and the last.
-        layers: Keep exactly these 0-based layer indices instead (sorted, no duplicates).
-        name: Variant name in the table; derived from the layers (and loss) when empty.
-        loss: ``mse`` (MSELoss to the teacher's embeddings); ``mse+cosent``: MSELoss on the corpus plus
-            CoSENTLoss on the STS-B train pairs (labels), batches drawn from both in proportion;
-            ``mse+hidden``: MSELoss plus ``training.hidden_loss_weight`` x the MSE between each kept layer's
-            hidden states and those of the teacher layer it was copied from ("layer projection").
-    """
-
-    num_layers: int | None = Field(default=None, ge=1)
-    layers: tuple[int, ...] | None = None
-    name: str | None = None
-    loss: Literal["mse", "mse+cosent", "mse+hidden"] = "mse"
+    num_layers: int | None = Field(
+        default=None, ge=1, description="Keep this many layers, evenly spaced, always the first and the last."
+    )
+    layers: tuple[int, ...] | None = Field(
+        default=None, description="Keep exactly these 0-based layer indices instead (no duplicates)."
+    )
+    name: str | None = Field(
+        default=None, description="Row name in the table; derived from the layers and loss when empty."
+    )
+    loss: StudentLoss = Field(
+        default="mse",
+        description=(
+            "mse: MSE to the teacher's embeddings; mse+cosent: plus CoSENT on the STS-B train labels; "
+            "mse+hidden: plus MSE between each kept layer's hidden states and the teacher layer's."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> StudentSpec:
@@ -198,11 +219,11 @@ class CompressionConfig(_Frozen):
     """Compressions applied after training; each result is a row of its own in the table.
 
     Args:
-        targets: Variants (``teacher`` or a student name) that get torch / ONNX / OpenVINO int8, ONNX
-            export, embedding quantization and the chain ONNX int8 -> int8 embeddings. The quick profile
-            compresses the teacher, the 3-layer MSE student and the 2-layer MSE+CoSENT student (the
-            fastest candidate for an int8 chain that keeps >= 97.5%).
-        pca_targets: Variants that get the PCA sweep.
+        targets: Variants (``teacher``, a student name or ``best-student``) that get torch / ONNX /
+            OpenVINO int8, ONNX export, embedding quantization and the chain ONNX int8 -> int8
+            embeddings. The quick profile compresses the teacher, the 3-layer MSE student and the
+            2-layer MSE+CoSENT student (the fastest candidate for an int8 chain that keeps >= 97.5%).
+        pca_targets: Variants (as for ``targets``) that get the PCA sweep.
         pca_dims: Output dimensions of the PCA sweep.
         pca_fit_sentences: Corpus sentences the PCA (and int8 calibration) is fitted on.
         onnx: Export each target to ONNX fp32.
@@ -262,7 +283,9 @@ class DistillConfig(_Frozen):
     """One distillation experiment: teacher -> layer-reduced students -> benchmark -> MLflow report.
 
     Args:
-        profile: Name recorded with the run (``quick`` = these defaults, ``full`` = mpnet teacher).
+        profile: The named profile the other fields start from: ``quick`` = these defaults, ``smoke`` = the
+            whole DAG on a tiny setting (about 2 minutes, to check a stack), ``full`` = mpnet teacher.
+            Validating ``{"profile": "full", ...}`` applies the profile's values first, then the given ones.
         work_dir: Where cached teacher embeddings, trained students and the local MLflow store live.
             Defaults to ``DISTILL_WORK_DIR`` or ``./.distill``.
         teacher: The teacher model.
@@ -278,7 +301,7 @@ class DistillConfig(_Frozen):
         tracking: MLflow settings.
     """
 
-    profile: str = "quick"
+    profile: ProfileName = "quick"
     work_dir: Path = Field(default_factory=lambda: _env_path(WORK_DIR_ENV) or Path(".distill"))
     teacher: TeacherConfig = TeacherConfig()
     data: DataConfig = Field(default_factory=DataConfig)
@@ -296,6 +319,16 @@ class DistillConfig(_Frozen):
     compress: CompressionConfig = CompressionConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_profile(cls, data: Any) -> Any:
+        """The profile's values first, the given ones on top (an unknown name fails the ``Literal``)."""
+        if isinstance(data, Mapping) and data.get("profile", "quick") in PROFILES:
+            merged: dict[str, Any] = copy.deepcopy(PROFILES[data.get("profile", "quick")])
+            _deep_merge(merged, copy.deepcopy(dict(data)))
+            return merged
+        return data
 
     @model_validator(mode="after")
     def _unique_names(self) -> DistillConfig:
@@ -315,6 +348,34 @@ _LIGHT_LR = {"learning_rate": 2e-5}
 # Named overrides on top of the defaults above. ``quick`` is the defaults themselves.
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {},
+    # The whole DAG in about 2 minutes on 2 cores: one small student, a few hundred corpus sentences, capped
+    # evaluation sets, one compression of each kind (PCA, model int8, embedding int8). Its figures check
+    # that a stack works; they are not comparable with the other profiles'.
+    "smoke": {
+        "data": {
+            "corpus_wiki_sentences": 300,
+            "include_stsb_train": False,
+            "heldout_sentences": 200,
+            "max_eval_pairs": 300,
+            "heldout_suite_max_pairs": 100,
+        },
+        "students": [{"num_layers": 2}],
+        "training": {"evaluations_per_epoch": 1},
+        "static": {"sources": []},
+        "compress": {
+            "targets": ["layers-2of6"],
+            "pca_targets": ["layers-2of6"],
+            "pca_dims": [128],
+            "pca_fit_sentences": 300,
+            "onnx": False,
+            "torch_int8": False,
+            "openvino_int8": False,
+            "embedding_precisions": ["int8"],
+            "chain": False,
+        },
+        "benchmark": {"speed_sentences": 200, "repeats": 2, "warmup_batches": 1},
+        "tracking": {"experiment": "embedding-distillation-smoke"},
+    },
     "full": {
         "teacher": {"model": ".distill/models/all-mpnet-base-v2"},
         "data": {"corpus_wiki_sentences": 100_000},
@@ -336,36 +397,164 @@ PROFILES: dict[str, dict[str, Any]] = {
         },
     },
 }
+if set(PROFILES) != set(get_args(ProfileName)):  # the form's choices and the profiles are one list
+    raise RuntimeError(f"PROFILES {sorted(PROFILES)} and ProfileName {get_args(ProfileName)} differ")
 
 
-def load_config(
-    profile: str = "quick",
-    config_file: Path | None = None,
-    overrides: list[str] | None = None,
-) -> DistillConfig:
-    """Build a validated config: profile, then a YAML file, then ``key.sub=value`` overrides."""
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}: choose one of {sorted(PROFILES)}")
-    merged: dict[str, Any] = {"profile": profile}
-    _deep_merge(merged, PROFILES[profile])
+def resolve_config(profile: str | None = None, overrides: Mapping[str, Any] | None = None) -> DistillConfig:
+    """The validated config of ``profile`` (default ``quick``) with ``overrides`` (nested like the YAML file)
+    on top. The CLI and the flow both come through here, so a bad value gets the same message in both."""
+    data = copy.deepcopy(dict(overrides or {}))
+    data["profile"] = profile or data.get("profile") or "quick"
+    if data["profile"] not in PROFILES:
+        choices = list(get_args(ProfileName))
+        raise ConfigError(f"profile={data['profile']!r} is not a profile: choose one of {choices}")
+    try:
+        return DistillConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_errors(exc)) from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """One line per problem: the field's dotted path, what is wrong, and the value given."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "config"
+        message = error["msg"].removeprefix("Value error, ")
+        given = f" (got {error['input']!r})" if error["type"] not in ("value_error", "missing") else ""
+        lines.append(f"  {where}: {message}{given}")
+    return f"invalid configuration ({len(lines)} problem{'s' * (len(lines) > 1)}):\n" + "\n".join(lines)
+
+
+def read_overrides(config_file: Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML file's mapping, then ``key.sub=value`` items (YAML values) on top: what the CLI passes on."""
+    merged: dict[str, Any] = {}
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist: pass a YAML file path")
-        loaded = yaml.safe_load(path.read_text()) or {}
+            raise ConfigError(f"config file {path} does not exist: pass a YAML file path")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a YAML mapping at the top level")
+            raise ConfigError(f"config file {path} must hold a YAML mapping at the top level")
         _deep_merge(merged, loaded)
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {item!r} is not KEY=VALUE (e.g. data.corpus_wiki_sentences=5000)")
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. data.corpus_wiki_sentences=5000)")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML: {exc}") from None
         node = merged
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return DistillConfig.model_validate(merged)
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        node[leaf] = value
+    return merged
+
+
+def load_config(
+    profile: str | None = None,
+    config_file: Path | None = None,
+    overrides: list[str] | None = None,
+) -> DistillConfig:
+    """Build a validated config: profile (argument, else the file's ``profile``, else ``quick``), then a
+    YAML file, then ``key.sub=value`` overrides."""
+    return resolve_config(profile, read_overrides(config_file, overrides))
+
+
+def resolve_form(
+    profile: str | None, form: Mapping[str, Any], overrides: Mapping[str, Any] | None = None
+) -> DistillConfig:
+    """The config of a flow run: ``profile``, then ``overrides``, then the form's fields (which win).
+
+    A form that brings its own ``students`` re-points the profile's compression targets and static
+    sources that named the profile's students at ``best-student`` (or drops them when it brings none), so
+    that e.g. "smoke with a 3-layer student" works; targets the caller set in ``overrides`` stay as given.
+    """
+    merged = merge_overrides(overrides or {}, form)
+    config = resolve_config(profile, merged)
+    if "students" not in form:
+        return config
+    given = overrides or {}
+    keep_student_targets = bool(form["students"]) or bool(config.light_students)
+    repointed: dict[str, Any] = {}
+    for section, field, names in (
+        ("compress", "targets", config.compress.targets),
+        ("compress", "pca_targets", config.compress.pca_targets),
+        ("static", "sources", config.static.sources),
+    ):
+        if field in given.get(section, {}):
+            continue
+        students = [BEST_STUDENT] if keep_student_targets and any(n != "teacher" for n in names) else []
+        repointed.setdefault(section, {})[field] = list(dict.fromkeys(
+            [n for n in names if n == "teacher"] + students
+        ))  # fmt: skip
+    return resolve_config(profile, merge_overrides(merged, repointed))
+
+
+def form_overrides(
+    teacher: str | None = None,
+    students: list[Any] | None = None,
+    corpus_wiki_sentences: int | None = None,
+    epochs: float | None = None,
+    compressions: list[str] | None = None,
+    experiment: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
+    """The flow form's fields as config overrides; ``None`` leaves the profile's value."""
+    out: dict[str, Any] = {}
+    if teacher is not None:
+        out["teacher"] = {"model": teacher}
+    if students is not None:
+        out["students"] = [
+            s.model_dump(exclude_unset=True) if isinstance(s, BaseModel) else s for s in students
+        ]
+    if corpus_wiki_sentences is not None:
+        out["data"] = {"corpus_wiki_sentences": corpus_wiki_sentences}
+    if epochs is not None:
+        out["training"] = {"epochs": epochs}
+    if compressions is not None:
+        unknown = sorted(set(compressions) - set(TECHNIQUES))
+        if unknown:
+            raise ConfigError(f"compressions: {unknown} are not techniques; choose from {list(TECHNIQUES)}")
+        out["compress"] = _techniques_to_compress(set(compressions))
+    tracking = {
+        k: v for k, v in (("experiment", experiment), ("tracking_uri", tracking_uri)) if v is not None
+    }
+    if tracking:
+        out["tracking"] = tracking
+    return out
+
+
+def _techniques_to_compress(chosen: set[str]) -> dict[str, Any]:
+    """Switch each technique on or off; targets and settings stay the profile's."""
+    compress: dict[str, Any] = {
+        "torch_int8": "torch-int8" in chosen,
+        "onnx": "onnx" in chosen,
+        "onnx_int8": "onnx-int8" in chosen,
+        "openvino_int8": "openvino-int8" in chosen,
+        "embedding_precisions": [
+            p for t, p in (("emb-int8", "int8"), ("emb-binary", "ubinary")) if t in chosen
+        ],
+        "chain": "chain" in chosen,
+    }
+    if "pca" not in chosen:  # chosen: the profile's PCA targets
+        compress["pca_targets"] = []
+    return compress
+
+
+def merge_overrides(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested override mappings merged left to right (later ones win, sections merge key by key)."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        _deep_merge(merged, copy.deepcopy(dict(layer)))
+    return merged
 
 
 def _env_path(name: str) -> Path | None:
@@ -373,9 +562,9 @@ def _env_path(name: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
             _deep_merge(base[key], value)
         else:
             base[key] = value

@@ -29,6 +29,7 @@ STSB_FILES = ("stsb.tsv.gz", "stsbenchmark.tsv.gz")
 WIKI_FILES = ("wiki_en_sentences.tsv.gz", "wikipedia-en-sentences.txt.gz")
 SPLITS = ("train", "dev", "test")
 _HUB_SPLIT = {"train": "train", "dev": "validation", "test": "test"}
+MIN_SUITE_PAIRS = 10  # a held-out suite with fewer clean pairs is dropped
 
 
 class DataError(ValueError):
@@ -63,7 +64,9 @@ class PreparedData:
     def heldout_file(self) -> Path:
         return self.root / "heldout.txt"
 
-    heldout_suites: dict[str, int] = field(default_factory=dict)
+    heldout_suites: dict[str, int] = field(default_factory=dict)  # suite -> pairs scored
+    # suite -> {"total", "contaminated", "clean", "scored"} pair counts (see decontaminate_suites)
+    heldout_suite_counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def sts_file(self, split: str) -> Path:
         return self.root / f"stsb-{split}.jsonl"
@@ -166,7 +169,7 @@ def find_file(data_dir: Path | None, names: tuple[str, ...], what: str) -> Path:
 
 
 def read_heldout_suites(config: DataConfig) -> dict[str, StsPairs]:
-    """Extra STS-style evaluation sets, one per ``dataset`` value (or file stem), sampled per config."""
+    """Extra STS-style evaluation sets, one per ``dataset`` value (or file stem), every pair in file order."""
     suites: dict[str, StsPairs] = {}
     for entry in config.heldout_suites:
         path = Path(entry) if Path(entry).is_absolute() else Path(config.data_dir or ".") / entry
@@ -189,11 +192,53 @@ def read_heldout_suites(config: DataConfig) -> dict[str, StsPairs]:
                 score = _parse_score(row["score"], path, line_no)
                 rows.setdefault(name, []).append((row["sentence1"].strip(), row["sentence2"].strip(), score))
         for name, pairs in rows.items():
-            if config.heldout_suite_max_pairs is not None and len(pairs) > config.heldout_suite_max_pairs:
-                keep = sorted(random.Random(0).sample(range(len(pairs)), config.heldout_suite_max_pairs))
-                pairs = [pairs[i] for i in keep]
             suites[name] = StsPairs([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs])
     return suites
+
+
+def decontaminate_suites(
+    suites: dict[str, StsPairs], seen: list[StsPairs], corpus: list[str], max_pairs: int | None
+) -> tuple[dict[str, StsPairs], dict[str, dict[str, int]]]:
+    """Drop every suite pair that training or model selection saw, then sample up to ``max_pairs``.
+
+    A pair is contaminated when it is a ``seen`` pair (STS-B train or dev, either order) or either of its
+    sentences is a ``seen`` or ``corpus`` sentence. A suite left with fewer than ``MIN_SUITE_PAIRS`` clean
+    pairs is dropped. Returns the clean suites and, per suite, the pair counts total / contaminated / clean
+    / scored.
+    """
+    seen_pairs = {
+        pair
+        for p in seen
+        for a, b in zip(p.sentences1, p.sentences2, strict=True)
+        for pair in ((a, b), (b, a))
+    }
+    seen_sentences = {s for p in seen for s in p.sentences1 + p.sentences2}.union(corpus)
+    kept: dict[str, StsPairs] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for name, pairs in suites.items():
+        clean = [
+            (a, b, score)
+            for a, b, score in zip(pairs.sentences1, pairs.sentences2, pairs.scores, strict=True)
+            if (a, b) not in seen_pairs and a not in seen_sentences and b not in seen_sentences
+        ]
+        counts[name] = {"total": len(pairs), "contaminated": len(pairs) - len(clean), "clean": len(clean)}
+        if len(clean) < MIN_SUITE_PAIRS:
+            log.warning(
+                "held-out suite %s dropped: only %d of its %d pairs are free of STS-B train/dev and corpus "
+                "sentences (need %d)",
+                name,
+                len(clean),
+                len(pairs),
+                MIN_SUITE_PAIRS,
+            )
+            counts[name]["scored"] = 0
+            continue
+        if max_pairs is not None and len(clean) > max_pairs:
+            keep = sorted(random.Random(0).sample(range(len(clean)), max_pairs))
+            clean = [clean[i] for i in keep]
+        counts[name]["scored"] = len(clean)
+        kept[name] = StsPairs([p[0] for p in clean], [p[1] for p in clean], [p[2] for p in clean])
+    return kept, counts
 
 
 # --- preparing -----------------------------------------------------------------------------------------
@@ -239,6 +284,7 @@ def build_corpus(config: DataConfig, stsb: dict[str, StsPairs]) -> tuple[list[st
 def prepare_data(config: DataConfig, work_dir: Path) -> PreparedData:
     """Read, check and write STS-B splits, the corpus and held-out sentences under ``work_dir/data``."""
     stsb = read_stsb(config)
+    seen = [stsb["train"], stsb["dev"]]  # uncapped: what CoSENT trains on and what selects checkpoints
     if config.max_eval_pairs is not None:
         stsb = {
             split: StsPairs(*(col[: config.max_eval_pairs] for col in (p.sentences1, p.sentences2, p.scores)))
@@ -246,10 +292,24 @@ def prepare_data(config: DataConfig, work_dir: Path) -> PreparedData:
             else p
             for split, p in stsb.items()
         }
-    suites = read_heldout_suites(config) if config.source == "local" else {}
     corpus, heldout = build_corpus(config, stsb)
-    suite_sentences = {s for pairs in suites.values() for s in pairs.sentences1 + pairs.sentences2}
-    corpus = [s for s in corpus if s not in suite_sentences]  # held-out suites are never trained on
+    # STS-B train and dev count whether or not train is in the corpus: CoSENT trains on its labels
+    suites, suite_counts = decontaminate_suites(
+        read_heldout_suites(config) if config.source == "local" else {},
+        seen,
+        corpus,
+        config.heldout_suite_max_pairs,
+    )
+    for name, counts in suite_counts.items():
+        log.info(
+            "held-out suite %s: %d pairs, %d contaminated (STS-B train/dev pair or sentence, or corpus "
+            "sentence), %d clean, %d scored",
+            name,
+            counts["total"],
+            counts["contaminated"],
+            counts["clean"],
+            counts["scored"],
+        )
 
     files: dict[str, str] = {
         "corpus.txt": "\n".join(corpus) + "\n",
@@ -283,6 +343,7 @@ def prepare_data(config: DataConfig, work_dir: Path) -> PreparedData:
         heldout_size=len(heldout),
         sts_pairs={split: len(p) for split, p in stsb.items()},
         heldout_suites={name: len(p) for name, p in suites.items()},
+        heldout_suite_counts=suite_counts,
     )
     log.info(
         "data ready in %s: corpus %d sentences, held-out %d, STS-B pairs %s",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.config import DistillConfig
+from tasks.config import BEST_STUDENT, DistillConfig
 from tasks.data import STSB_FILES, WIKI_FILES, find_file
 from tasks.models import resolve_model_dir
 from tasks.onnx_export import check_onnx_installed, pick_kernel
@@ -86,7 +86,7 @@ def _check_light_students(config: DistillConfig, teacher_dir: Path, taken: set[s
 
 def _check_compress(config: DistillConfig, teacher_dir: Path, students: list[str]) -> None:
     compress = config.compress
-    known = ["teacher", *students]
+    known = ["teacher", *students, *([BEST_STUDENT] if students else [])]
     for field, names in (
         ("compress.targets", compress.targets),
         ("compress.pca_targets", compress.pca_targets),
@@ -123,11 +123,11 @@ def _check_static(config: DistillConfig, teacher_dir: Path, students: list[str])
     static = config.static
     if not static.sources:
         return
-    known = ["teacher", "best-student", *students]
+    known = ["teacher", BEST_STUDENT, *students]
     unknown = [n for n in static.sources if n not in known]
     if unknown:
         raise ValueError(f"static.sources: {unknown} name no variant; choose from {known}")
-    if "best-student" in static.sources and not students:
+    if BEST_STUDENT in static.sources and not students:
         raise ValueError("static.sources names best-student but no students are configured")
     dim = _embedding_dim(teacher_dir)
     if static.pca_dims is not None and static.pca_dims > dim:

@@ -26,11 +26,13 @@ TABLE_COLUMNS = [
     "kind",
     "parent",
     "lineage",
+    "uses_sts_labels",
     "sts_dev_spearman",
     "sts_test_spearman",
     "sts_test_pearson",
     "sts_test_retention_pct",
     "heldout_mean_spearman",
+    "heldout_agreement_spearman",
     "mse_to_teacher",
     "sentences_per_second",
     "speedup_vs_teacher",
@@ -41,7 +43,12 @@ TABLE_COLUMNS = [
     "bytes_per_vector",
     "build_seconds",
 ]
-TEXT_COLUMNS = ("variant", "kind", "parent", "lineage")
+TEXT_COLUMNS = ("variant", "kind", "parent", "lineage", "uses_sts_labels")  # not metrics
+STS_LABELS_MARK = "†"
+STS_LABELS_LEGEND = (
+    f"{STS_LABELS_MARK} uses_sts_labels: saw STS-B train labels (a CoSENT student or made from one), so its "
+    "STS-B and held-out STS figures are not comparable with label-free rows."
+)
 METRIC_COLUMNS = [c for c in TABLE_COLUMNS if c not in TEXT_COLUMNS]
 
 
@@ -65,11 +72,13 @@ def build_table(variants: list[Variant], quality: list[QualityResult], speed: Sp
                 "kind": variant.kind,
                 "parent": variant.parent or "",
                 "lineage": variant.lineage,
+                "uses_sts_labels": variant.uses_sts_labels,
                 "sts_dev_spearman": q.sts_dev_spearman,
                 "sts_test_spearman": q.sts_test_spearman,
                 "sts_test_pearson": q.sts_test_pearson,
                 "sts_test_retention_pct": 100.0 * q.sts_test_spearman / teacher_q.sts_test_spearman,
                 "heldout_mean_spearman": float(np.mean(list(suites.values()))) if suites else math.nan,
+                "heldout_agreement_spearman": q.heldout_agreement_spearman,
                 "mse_to_teacher": q.mse_to_teacher,
                 "sentences_per_second": sps,
                 "speedup_vs_teacher": sps / teacher_sps,
@@ -87,8 +96,12 @@ def build_table(variants: list[Variant], quality: list[QualityResult], speed: Sp
 
 
 def format_table(table: pd.DataFrame) -> str:
-    """Markdown with readable precision (what the CLI prints and the .md file holds)."""
+    """Markdown with readable precision (what the CLI prints and the .md file holds); rows that saw STS-B
+    labels are marked, with a legend under the table."""
     shown = table.copy()
+    labelled = table["uses_sts_labels"].astype(bool)
+    shown["variant"] = shown["variant"] + labelled.map({True: STS_LABELS_MARK, False: ""})
+    shown["uses_sts_labels"] = labelled.map({True: "yes", False: "no"})
     suite_columns = {c: 4 for c in table.columns if c.startswith("heldout_")}
     for column, digits in {
         **suite_columns,
@@ -104,7 +117,8 @@ def format_table(table: pd.DataFrame) -> str:
         "build_seconds": 0,
     }.items():
         shown[column] = shown[column].map(lambda v, d=digits: "" if pd.isna(v) else f"{v:.{d}f}")
-    return shown.to_markdown(index=False, disable_numparse=True)
+    text = shown.to_markdown(index=False, disable_numparse=True)
+    return text + "\n\n" + STS_LABELS_LEGEND if labelled.any() else text
 
 
 def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
@@ -171,10 +185,12 @@ def write_report(table: pd.DataFrame, out_dir: Path, speed: SpeedResult) -> dict
         f"Speed: {speed.sentences} held-out sentences, batch {speed.batch_size}, {speed.threads} threads, "
         f"{speed.cpu}; median of {len(next(iter(speed.all_timings_s.values())))} interleaved repeats."
     )
-    files["markdown"].write_text(format_table(table) + "\n\n" + note + "\n")
+    files["markdown"].write_text(format_table(table) + "\n\n" + note + "\n", encoding="utf-8")
     create_table_artifact(
         key="distillation-tradeoff",
         table=table.round(4).fillna("").to_dict(orient="records"),
-        description="Speed / STS trade-off, ratios to the teacher measured in the same run. " + note,
+        description="Speed / STS trade-off, ratios to the teacher measured in the same run. "
+        + note
+        + (" " + STS_LABELS_LEGEND if table["uses_sts_labels"].any() else ""),
     )
     return files

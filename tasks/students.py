@@ -63,6 +63,7 @@ class TrainedStudent:
             parent="teacher",
             params={**self.params, "lineage": f"teacher > {self.name}", "loss": self.loss},
             build_seconds=self.train_seconds,
+            uses_sts_labels="cosent" in self.loss,  # CoSENT trains on the STS-B train labels
         )
 
 

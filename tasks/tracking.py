@@ -22,6 +22,7 @@ from tasks.config import DistillConfig
 from tasks.variants import Variant
 
 log = logging.getLogger(__name__)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
 def tracking_uri(config: DistillConfig) -> str:
@@ -40,11 +41,17 @@ def setup_experiment(config: DistillConfig) -> str:
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
     if experiment is not None:
-        return experiment.experiment_id
-    artifact_location = None
-    if uri.startswith("sqlite:///"):  # keep a local store's artifacts beside it, not in the cwd
-        artifact_location = (Path(config.work_dir).resolve() / "mlartifacts").as_uri()
-    return mlflow.create_experiment(config.tracking.experiment, artifact_location=artifact_location)
+        experiment_id = experiment.experiment_id
+    else:
+        artifact_location = None
+        if uri.startswith("sqlite:///"):  # keep a local store's artifacts beside it, not in the cwd
+            artifact_location = (Path(config.work_dir).resolve() / "mlartifacts").as_uri()
+        experiment_id = mlflow.create_experiment(config.tracking.experiment, artifact_location)
+    if (experiment.tags if experiment else {}).get(EXPERIMENT_KIND_TAG) is None:
+        # MLflow 3's UI opens an experiment on its model-training views (runs table, charts) only with
+        # this tag; without it, on the GenAI traces overview.
+        MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    return experiment_id
 
 
 def git_commit() -> str | None:

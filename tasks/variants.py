@@ -42,8 +42,10 @@ class Variant:
         calibration_file: ``.npy`` with the int8 ranges (2 x dim: per-dimension min and max).
         int8_exclude: For ``torch-int8``: regexes of module names kept in float32.
         int8_per_channel: For ``torch-int8``: per-channel weight scales (else per tensor).
-        params: Extra MLflow params (layers, PCA dims, kernel, ...).
+        params: Extra MLflow params (layers, PCA dims, kernel, ...); ``uses_sts_labels`` is added here.
         build_seconds: Time it took to make this variant.
+        uses_sts_labels: Trained on STS-B train labels (CoSENT), or derived from such a variant: its STS-B
+            and held-out STS figures are not comparable with label-free rows. ``derive`` inherits it.
     """
 
     name: str
@@ -58,6 +60,11 @@ class Variant:
     int8_per_channel: bool = True
     params: dict[str, str] = field(default_factory=dict)
     build_seconds: float = 0.0
+    uses_sts_labels: bool = False
+
+    def __post_init__(self) -> None:  # the flag travels to MLflow with the other params
+        flag = "true" if self.uses_sts_labels else "false"
+        object.__setattr__(self, "params", {**self.params, "uses_sts_labels": flag})
 
     @property
     def lineage(self) -> str:
@@ -67,7 +74,12 @@ class Variant:
         self, name: str, kind: Kind, step: str, params: dict[str, str] | None = None, **fields: object
     ) -> Variant:
         """A variant made from this one by ``step``; folder and runtime inherited unless ``fields`` say."""
-        inherited = {"model_dir": self.model_dir, "backend": self.backend, "model_file": self.model_file}
+        inherited = {
+            "model_dir": self.model_dir,
+            "backend": self.backend,
+            "model_file": self.model_file,
+            "uses_sts_labels": self.uses_sts_labels,
+        }
         return Variant(
             name,
             kind,

@@ -73,7 +73,7 @@ def tiny_config(model_dir: Path, data_dir: Path, root: Path, light_model_dir: Pa
     """A config that runs the whole DAG on the tiny model in seconds, everything under ``root``."""
     light = [{"model": str(light_model_dir), "name": "light", "projection": "pca"}] if light_model_dir else []
     return {
-        "profile": "test",
+        "profile": "quick",
         "work_dir": str(root / "work"),
         "teacher": {"model": str(model_dir)},
         "data": {

@@ -72,3 +72,38 @@ def test_missing_openvino_fails_fast(tiny_config_dict, tmp_path: Path, capsys, m
     assert main(["run", "--config", str(config_file)]) == 2
     assert "compress.openvino_int8 needs optimum-intel" in capsys.readouterr().err
     assert not Path(tiny_config_dict["work_dir"]).exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "students=[{layers: [0"], "the value is not valid YAML"),
+        (["--set", "training.epochs=0"], "training.epochs: Input should be greater than 0 (got 0)"),
+    ],
+)
+def test_malformed_values_print_a_message_not_a_traceback(capsys, data_dir, args, message) -> None:
+    assert main(["show-config", "--set", f"data.data_dir={data_dir}", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_profile_in_a_config_file_selects_its_values(tmp_path: Path, capsys, data_dir) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(f"profile: smoke\ndata: {{data_dir: {data_dir}}}\n")
+    assert main(["show-config", "--config", str(config_file)]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["profile"] == "smoke" and [s["num_layers"] for s in shown["students"]] == [2]
+    assert main(["show-config", "--config", str(config_file), "--profile", "quick"]) == 0
+    assert len(yaml.safe_load(capsys.readouterr().out)["students"]) == 6  # the command line wins
+
+
+def test_best_student_as_a_compression_target_needs_a_student(
+    tiny_config_dict, tmp_path: Path, capsys
+) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config_dict))
+    args = ["run", "--config", str(config_file), "--set", "compress.targets=[best-student]"]
+    assert main([*args, "--set", "students=[]", "--set", "static.sources=[]"]) == 2
+    assert "compress.targets: ['best-student'] name no variant; choose from ['teacher']" in (
+        capsys.readouterr().err
+    )

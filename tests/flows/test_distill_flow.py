@@ -85,6 +85,10 @@ def test_one_parent_run_per_flow_run_with_config_and_tags(two_runs) -> None:
         assert parent.data.params["data.corpus_wiki_sentences"] == "200"
         assert parent.data.tags["prefect.flow_run_id"]
         assert parent.data.tags["prefect.flow_run_name"] in parent.info.run_name
+        metrics = parent.data.metrics  # held-out suites: every pair counted, none scored that was trained on
+        assert metrics["heldout_sts12_pairs_total"] == 3108
+        assert metrics["heldout_sts12_pairs_contaminated"] >= 1002  # at least the STS-B train pairs
+        assert metrics["heldout_sts12_pairs_scored"] == 40
 
 
 def test_child_run_per_variant_with_stable_metrics(two_runs) -> None:

