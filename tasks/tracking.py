@@ -125,6 +125,7 @@ def log_results(
             "parent": variant.parent or "",
             "backend": variant.backend,
             "precision": variant.precision,
+            "uses_sts_labels": str(variant.uses_sts_labels).lower(),
             **variant.params,
         }
         # a model folder is logged once, with the first variant that runs it

@@ -42,7 +42,7 @@ class Variant:
         calibration_file: ``.npy`` with the int8 ranges (2 x dim: per-dimension min and max).
         int8_exclude: For ``torch-int8``: regexes of module names kept in float32.
         int8_per_channel: For ``torch-int8``: per-channel weight scales (else per tensor).
-        params: Extra MLflow params (layers, PCA dims, kernel, ...); ``uses_sts_labels`` is added here.
+        params: Extra MLflow params (layers, PCA dims, kernel, ...).
         build_seconds: Time it took to make this variant.
         uses_sts_labels: Trained on STS-B train labels (CoSENT), or derived from such a variant: its STS-B
             and held-out STS figures are not comparable with label-free rows. ``derive`` inherits it.
@@ -61,10 +61,6 @@ class Variant:
     params: dict[str, str] = field(default_factory=dict)
     build_seconds: float = 0.0
     uses_sts_labels: bool = False
-
-    def __post_init__(self) -> None:  # the flag travels to MLflow with the other params
-        flag = "true" if self.uses_sts_labels else "false"
-        object.__setattr__(self, "params", {**self.params, "uses_sts_labels": flag})
 
     @property
     def lineage(self) -> str:

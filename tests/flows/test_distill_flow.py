@@ -108,6 +108,7 @@ def test_child_run_per_variant_with_stable_metrics(two_runs) -> None:
     assert teacher.data.metrics["sts_test_retention_pct"] == pytest.approx(100.0)
     student = next(c for c in children if c.info.run_name == "ends")
     assert student.data.params["layers"] == "0,3"
+    assert {c.data.params["uses_sts_labels"] for c in children} == {"false"}  # no CoSENT student here
     artifacts = {a.path for a in MlflowClient().list_artifacts(student.info.run_id, "model")}
     assert "model/modules.json" in artifacts
 

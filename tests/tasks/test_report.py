@@ -41,7 +41,7 @@ def test_ratios_are_relative_to_the_teacher(table: pd.DataFrame) -> None:
     assert student["size_reduction_vs_teacher"] == pytest.approx(2.0)
     assert table.iloc[0]["speedup_vs_teacher"] == 1.0
     assert student["heldout_agreement_spearman"] == 0.9 and "heldout_agreement_spearman" in METRIC_COLUMNS
-    assert "uses_sts_labels" not in METRIC_COLUMNS  # an MLflow param (from Variant.params), not a metric
+    assert "uses_sts_labels" not in METRIC_COLUMNS  # an MLflow param (see tracking), not a metric
 
 
 def test_teacher_must_come_first() -> None:
