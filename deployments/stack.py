@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_HOME = REPO / ".distill" / "stack"
 BIN = Path(sys.executable).parent
 STATE_FILE = "stack.json"
+RETRIES = 5  # of an API call answered 502/503/504
 # Children of the servers and flow runs of the worker (Prefect starts each in a session of its own).
 STOP_ORDER = ("worker", "mlflow", "prefect")
 
@@ -101,14 +102,25 @@ def _alive(service: Service) -> psutil.Process | None:
 
 
 def api(base_url: str, path: str, body: object | None = None, method: str | None = None) -> object:
-    """One call of a JSON HTTP API (Prefect's or MLflow's REST API); raises ``urllib.error.HTTPError``."""
+    """One call of a JSON HTTP API (Prefect's or MLflow's REST API); raises ``urllib.error.HTTPError``.
+
+    A 502/503/504 is retried with backoff, as Prefect's own client does: a Prefect server on SQLite answers
+    503 while the database is locked by a busy flow run.
+    """
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        base_url + path, data=data, method=method or ("GET" if body is None else "POST"),
-        headers={"Content-Type": "application/json"},
-    )  # fmt: skip
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read() or b"null")
+    for attempt in range(RETRIES + 1):
+        request = urllib.request.Request(
+            base_url + path, data=data, method=method or ("GET" if body is None else "POST"),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (502, 503, 504) or attempt == RETRIES:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _wait_http(url: str, what: str, process: subprocess.Popen, log: Path, timeout: float) -> None:

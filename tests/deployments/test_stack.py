@@ -257,3 +257,33 @@ def test_a_taken_port_is_replaced_by_a_free_one() -> None:
         port = taken.getsockname()[1]
         assert free_port(port) != port
     assert free_port(port) == port
+
+
+def test_api_retries_a_busy_server_but_not_a_refusal(monkeypatch) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    monkeypatch.setattr(time, "sleep", lambda _: None)
+    answers = {"/busy": [503, 503, 200], "/refused": [409, 200]}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            code = answers[self.path].pop(0)
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b'{"ok": true}' if code == 200 else b'{"detail": "no"}')
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert api(base, "/busy") == {"ok": True} and answers["/busy"] == []
+        with pytest.raises(urllib.error.HTTPError) as info:
+            api(base, "/refused")
+        assert info.value.code == 409 and answers["/refused"] == [200]  # asked once, not retried
+    finally:
+        server.shutdown()
+        server.server_close()
