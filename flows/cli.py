@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import NoReturn, get_args
 
 from tasks.config import ProfileName
 
@@ -25,12 +25,23 @@ _PREFECT_DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,flows",
+    # the failure hooks log after the flow run ended: no flow-run id to send those records with
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "TOKENIZERS_PARALLELISM": "false",
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors printed as ``distill: <message>`` like every other input error."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("distill").strip()  # "run" for a subcommand's parser
+        self.print_usage(sys.stderr)
+        self.exit(2, f"distill: {command + ': ' if command else ''}{message}\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="distill", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("run", "run the distillation flow"),
@@ -55,7 +66,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run a command; every input error (config, model reference, data file) exits 2 with a message.
+
+    The config, the model references and the data files are all checked before a Prefect server starts, a
+    folder is made or an MLflow run is opened, so a bad input leaves nothing behind.
+    """
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # usage error (message printed) or --help
+        return exc.code if isinstance(exc.code, int) else 2
     for key, value in _PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
 
@@ -67,25 +86,35 @@ def main(argv: list[str] | None = None) -> int:
         overrides = read_overrides(args.config, args.overrides)
         config = resolve_config(args.profile, overrides)
     except ConfigError as exc:
-        print(f"distill: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc)
+    except (UnicodeDecodeError, OSError) as exc:  # a config file that exists but cannot be read as text
+        return _fail(f"config file {args.config} cannot be read ({exc}); pass a UTF-8 YAML file")
     if args.command == "show-config":
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         return 0
 
     from tasks.preflight import check_inputs
+    from tasks.tracking_store import bound_mlflow_http_retries, check_tracking_store, tracking_uri
 
     try:
         check_inputs(config)  # seconds, before a Prefect server starts; the flow checks again
-    except (ValueError, FileNotFoundError) as exc:  # every input error names the field or file and the fix
-        print(f"distill: {exc}", file=sys.stderr)
-        return 2
+        bound_mlflow_http_retries()  # a tracking server that goes away costs seconds, not minutes
+        check_tracking_store(tracking_uri(config))  # answers (HTTP) or is writable (SQLite, files)
+    except (ValueError, OSError) as exc:  # every input error names the field or file and the fix
+        return _fail(exc)
     from flows.distill import distill
 
     # The flow gets what was asked for (profile + overrides), as a deployment run would, and resolves it
     # the same way; the Prefect UI shows these as the flow run's parameters.
-    distill(profile=config.profile, overrides=overrides)
-    return 0
+    from flows.lifecycle import run_with_clean_exit
+
+    # A signal ends the run cleanly: flow run marked Crashed, temporary server stopped, exit 130 / 143 / 129.
+    return run_with_clean_exit(distill, profile=config.profile, overrides=overrides)
+
+
+def _fail(problem: object) -> int:
+    print(f"distill: {problem}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from prefect.runtime import deployment, flow_run
 from pydantic import Field
 
 from tasks.benchmark import evaluate_all, evaluate_group_task, measure_throughput_task
-from tasks.compress import compress_variants
+from tasks.compress import compress_variants, run_step_as_task
 from tasks.config import (
     BEST_STUDENT,
     ProfileName,
@@ -22,16 +22,21 @@ from tasks.config import (
     resolve_form,
 )
 from tasks.data import prepare_data
+from tasks.models import fingerprint_model_dir
 from tasks.preflight import check_inputs_task
 from tasks.report import build_table, format_table, write_report
+from tasks.run_states import FLOW_HOOKS
 from tasks.static_student import distill_static_task
 from tasks.students import TrainedStudent, train_light_student, train_student
 from tasks.teacher_cache import cache_teacher_embeddings
-from tasks.tracking import log_results, parent_run, setup_experiment
+from tasks.tracking import log_results, parent_run
+from tasks.tracking_store import setup_experiment
 from tasks.variants import Variant
 
 
-@flow(name="distill-embeddings", log_prints=True, validate_parameters=False)
+# The hooks end the flow run's MLflow runs as FAILED / KILLED, with the reason, when it fails, crashes or
+# is cancelled.
+@flow(name="distill-embeddings", log_prints=True, validate_parameters=False, **FLOW_HOOKS)
 def distill(
     profile: ProfileName = "quick",
     teacher: str | None = None,
@@ -104,6 +109,9 @@ def distill(
             }
         )
 
+        # Stage outputs are content-addressed under artifacts/ and reused by any later run with the same
+        # inputs; runs/<run id>/ holds only this run's report.
+        artifacts = Path(config.work_dir) / "artifacts"
         run_dir = Path(config.work_dir) / "runs" / run_id
         students = [
             train_student(
@@ -112,22 +120,28 @@ def distill(
                 data,
                 corpus_emb,
                 config.training,
-                run_dir / "students",
+                artifacts,
                 max_seq_length=config.teacher.max_seq_length,
                 trust_remote_code=config.teacher.trust_remote_code,
             )
             for spec in config.students
         ]
         students += [
-            train_light_student(spec, data, corpus_emb, config.training, run_dir / "students")
+            train_light_student(spec, data, corpus_emb, config.training, artifacts)
             for spec in config.light_students
         ]
 
-        teacher = Variant("teacher", "teacher", plan.teacher_dir, params={"model": config.teacher.model})
+        teacher = Variant(
+            "teacher",
+            "teacher",
+            plan.teacher_dir,
+            params={"model": config.teacher.model},
+            key=fingerprint_model_dir(plan.teacher_dir, config.teacher.max_seq_length),
+        )
         bases = [teacher] + [s.as_variant() for s in students]
         sources = static_sources(config.static.sources, bases, students)
         bases += [
-            distill_static_task(source, run_dir / "static", config.static.pca_dims).as_variant()
+            distill_static_task(source, artifacts, config.static.pca_dims).as_variant()
             for source in sources
         ]
         compress = config.compress.model_copy(
@@ -136,12 +150,24 @@ def distill(
                 "pca_targets": resolve_names(config.compress.pca_targets, students),
             }
         )
-        compressed = compress_variants(bases, compress, data, corpus_emb, run_dir / "compressed")
+        compressed, failed_steps = compress_variants(
+            bases, compress, data, corpus_emb, artifacts, run_step=run_step_as_task
+        )
         variants = bases + compressed
-        quality = evaluate_all(variants, data, heldout_emb, config.benchmark.batch_size, evaluate_group_task)
+        quality = evaluate_all(
+            variants, data, heldout_emb, config.benchmark.batch_size, evaluate_group_task, artifacts
+        )
         speed = measure_throughput_task(variants, data, config.benchmark)
+        mlflow.log_metrics(
+            {
+                # rows whose model came from an earlier run's stored output (derived rows without files of
+                # their own, such as torch int8 or binary vectors, count as their parent does)
+                "variants_reused": sum(v.reused for v in variants),
+                "compress_steps_failed": len(failed_steps),
+            }
+        )
 
-        table = build_table(variants, quality, speed)
+        table = build_table(variants, quality, speed, failed_steps)
         files = write_report(table, run_dir / "report", speed)
         log_results(experiment_id, run_id, table, variants, files, config.tracking.log_models)
         mlflow.log_params({"benchmark.cpu": speed.cpu, "benchmark.threads_used": speed.threads})

@@ -11,6 +11,9 @@ evaluation sentences.
 Speed: a fixed list of held-out sentences, the same batch size for every variant, after a warm-up; repeats
 are interleaved across variants (teacher, s1, s2, teacher, s1, s2, ...) so that machine noise hits all of
 them alike; the median is reported. Quantizing the output vectors is part of the timed work.
+
+Quality scores are stored by the variant's content key and the evaluation data (:mod:`tasks.artifacts`):
+an unchanged model is not scored again by a later run. Speed is always measured afresh, side by side.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from prefect import task
 from scipy.stats import pearsonr, spearmanr
 from tqdm.auto import tqdm
 
+from tasks.artifacts import ArtifactStore, stage_key
 from tasks.config import BenchmarkConfig
 from tasks.data import PreparedData, StsPairs, read_lines, read_sts
 from tasks.models import load_sentence_transformer
@@ -46,6 +50,9 @@ from tasks.variants import (
 )
 
 log = logging.getLogger(__name__)
+
+QUALITY_STAGE = "quality"
+QUALITY_VERSION = 1  # bump when a change here changes a quality figure
 
 
 @dataclass(frozen=True)
@@ -170,21 +177,52 @@ def evaluate_group_task(
     return evaluate_group(variants, data, heldout_teacher, batch_size)
 
 
+def quality_key(
+    variant: Variant, data: PreparedData, heldout_teacher: CachedEmbeddings, batch_size: int
+) -> str:
+    inputs = {
+        "variant": variant.key,
+        "precision": variant.precision,
+        "data": data.fingerprint,
+        "heldout_teacher": heldout_teacher.key,
+        "batch_size": batch_size,
+    }
+    return stage_key(QUALITY_STAGE, QUALITY_VERSION, inputs)
+
+
 def evaluate_all(
     variants: list[Variant],
     data: PreparedData,
     heldout_teacher: CachedEmbeddings,
     batch_size: int = 64,
     evaluate: Callable[..., list[QualityResult]] = evaluate_group,
+    artifacts: Path | None = None,
 ) -> list[QualityResult]:
-    """Quality of every variant, in variant order; one ``evaluate`` call per network (the flow: the task)."""
+    """Quality of every variant, in variant order; one ``evaluate`` call per network (the flow: the task).
+
+    With ``artifacts``, scores of variants with a content key are stored there, and a network whose
+    variants all have stored scores is not encoded again.
+    """
+    store = ArtifactStore(artifacts) if artifacts is not None else None
     groups: dict[tuple[str, str, str], list[Variant]] = {}
     for variant in variants:
         groups.setdefault(encoder_key(variant), []).append(variant)
     by_name: dict[str, QualityResult] = {}
     for group in groups.values():
-        for variant, result in zip(group, evaluate(group, data, heldout_teacher, batch_size), strict=True):
+        keys = [quality_key(v, data, heldout_teacher, batch_size) if v.key else "" for v in group]
+        if store is not None and all(keys):
+            stored = [store.get(QUALITY_STAGE, key) for key in keys]
+            if all(stored):
+                log.info("reusing the quality scores of %s (unchanged models)", [v.name for v in group])
+                for variant, entry in zip(group, stored, strict=True):
+                    by_name[variant.name] = QualityResult(**entry.result)
+                continue
+        for variant, key, result in zip(
+            group, keys, evaluate(group, data, heldout_teacher, batch_size), strict=True
+        ):
             by_name[variant.name] = result
+            if store is not None and key:
+                store.build(QUALITY_STAGE, key, lambda _out, _work, r=result: r.as_dict())
     return [by_name[v.name] for v in variants]
 
 

@@ -37,7 +37,9 @@ class ConfigError(ValueError):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: every float field of every section rejects inf / nan (``epochs: .inf`` would
+    # otherwise pass ``gt=0`` and fail, or never end, deep inside training).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class TeacherConfig(_Frozen):

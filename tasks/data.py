@@ -7,7 +7,6 @@ or the Hugging Face Hub via ``datasets``. Scores are normalized to 0..1.
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
 import json
@@ -15,6 +14,7 @@ import logging
 import random
 import shutil
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,27 +88,29 @@ def read_stsb(config: DataConfig) -> dict[str, StsPairs]:
 
 def _read_stsb_tsv(path: Path) -> dict[str, StsPairs]:
     rows: dict[str, tuple[list[str], list[str], list[float]]] = {s: ([], [], []) for s in SPLITS}
-    with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        missing = {"split", "score", "sentence1", "sentence2"} - set(reader.fieldnames or [])
-        if missing:
+    layout = "the stsb.tsv.gz layout (split ... score sentence1 sentence2) described in shared/data/README.md"
+    for line_no, row in read_tsv(path, ("split", "score", "sentence1", "sentence2"), layout):
+        split = {"validation": "dev"}.get(row["split"], row["split"])
+        if split not in rows:
             raise DataError(
-                f"{path}: header lacks columns {sorted(missing)}; expected the stsb.tsv.gz layout "
-                f"(split ... score sentence1 sentence2) described in shared/data/README.md"
+                f"{path}: line {line_no}: unknown split {row['split']!r}; use train/dev/test (or validation)"
             )
-        for line_no, row in enumerate(reader, start=2):
-            split = {"validation": "dev"}.get(row["split"], row["split"])
-            if split not in rows:
-                raise DataError(f"{path}: line {line_no}: unknown split {row['split']!r}; use train/dev/test")
-            score = _parse_score(row["score"], path, line_no)
-            s1, s2, scores = rows[split]
-            s1.append(row["sentence1"].strip())
-            s2.append(row["sentence2"].strip())
-            scores.append(score)
+        score = _parse_score(row["score"], path, line_no)
+        s1, s2, scores = rows[split]
+        s1.append(_sentence(row, "sentence1", path, line_no))
+        s2.append(_sentence(row, "sentence2", path, line_no))
+        scores.append(score)
     empty = [s for s, (_, _, sc) in rows.items() if not sc]
     if empty:
         raise DataError(f"{path}: split(s) {empty} have no rows; the file must hold train, dev and test")
     return {split: StsPairs(*cols) for split, cols in rows.items()}
+
+
+def _sentence(row: dict[str, str], column: str, path: Path, line_no: int) -> str:
+    sentence = row[column].strip()
+    if not sentence:
+        raise DataError(f"{path}: line {line_no}: {column} is empty; fix or remove that row")
+    return sentence
 
 
 def _parse_score(raw: str | None, path: Path, line_no: int) -> float:
@@ -123,6 +125,66 @@ def _parse_score(raw: str | None, path: Path, line_no: int) -> float:
     return score / 5.0
 
 
+def read_tsv(path: Path, required: tuple[str, ...], layout: str) -> Iterator[tuple[int, dict[str, str]]]:
+    """``(line number, row)`` of a tab-separated file with a header (gzip when named ``.gz``), streamed.
+
+    No quoting (as shared/data/README.md says); blank lines are skipped. Every way the file can be unreadable
+    becomes a ``DataError`` naming the file, the line and the fix: not gzip, a truncated or corrupt gzip
+    stream, a line that is not UTF-8, an empty file, a header without the ``required`` columns, a row with
+    fewer or more fields than the header.
+    """
+    lines = _text_lines(path)
+    first = next(lines, None)
+    if first is None:
+        raise DataError(f"{path}: the file is empty; expected a header line and rows in {layout}")
+    header = first[1].rstrip("\r\n").split("\t")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path}: line 1: header {header} lacks columns {missing}; expected {layout}")
+    for line_no, line in lines:
+        fields = line.rstrip("\r\n").split("\t")
+        if fields == [""]:
+            continue
+        if len(fields) != len(header):
+            raise DataError(
+                f"{path}: line {line_no}: {len(fields)} tab-separated fields where the header has "
+                f"{len(header)} ({', '.join(header)}); fix or remove that row"
+            )
+        yield line_no, dict(zip(header, fields, strict=True))
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a text file (gunzipped when named ``.gz``), each line decoded as UTF-8."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    line_no = 0
+    try:
+        with opener(path, "rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                try:
+                    text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(
+                        f"{path}: line {line_no}: the text is not UTF-8 ({exc.reason} at byte "
+                        f"{exc.start + 1} of the line); re-encode the file as UTF-8 or fix that line"
+                    ) from None
+                yield line_no, text
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(_unreadable(path, exc, line_no)) from None
+
+
+def _unreadable(path: Path, exc: BaseException, line_no: int) -> str:
+    """What is wrong with a file that cannot be read to its end (``line_no`` lines were read), and the fix."""
+    where = f"after line {line_no}" if line_no else "at the start"
+    replace = "replace it with an intact copy (shared/data/README.md lists the sha256 of each file)"
+    if isinstance(exc, gzip.BadGzipFile) and not line_no:
+        return f"{path}: is not a gzip file ({exc}); {replace}, or gzip the plain text file"
+    if isinstance(exc, EOFError):
+        return f"{path}: the gzip data ends early, {where} (the file is truncated); {replace}"
+    if isinstance(exc, gzip.BadGzipFile | zlib.error):
+        return f"{path}: the gzip data is corrupt {where} ({exc}); {replace}"
+    return f"{path}: cannot be read ({type(exc).__name__}: {exc}); check the file and its permissions"
+
+
 def _read_stsb_hub(split: str) -> StsPairs:
     from datasets import load_dataset
 
@@ -131,7 +193,7 @@ def _read_stsb_hub(split: str) -> StsPairs:
 
 
 def iter_wiki_sentences(config: DataConfig) -> Iterator[str]:
-    """Wikipedia sentences in file order (the shared file is already shuffled)."""
+    """Wikipedia sentences in file order (the shared file is already shuffled); blank ones are skipped."""
     if config.source == "hub":
         from datasets import load_dataset
 
@@ -139,18 +201,25 @@ def iter_wiki_sentences(config: DataConfig) -> Iterator[str]:
         for row in ds:
             yield row["sentence"].strip()
         return
-    path = find_file(config.data_dir, WIKI_FILES, "Wikipedia sentence corpus")
-    with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
-        if path.name.endswith(".tsv.gz"):
-            reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-            if "sentence" not in (reader.fieldnames or []):
-                raise DataError(f"{path}: header has no 'sentence' column; expected 'curid<TAB>sentence'")
-            for row in reader:
+    path = wiki_file(config)
+    if path.name.endswith(".tsv.gz"):
+        for _, row in read_tsv(path, ("sentence",), "'curid<TAB>sentence' columns"):
+            if row["sentence"].strip():
                 yield row["sentence"].strip()
-        else:
-            for line in handle:
-                if line.strip():
-                    yield line.strip()
+        return
+    yield from _read_lines_gz(path)
+
+
+def _read_lines_gz(path: Path) -> Iterator[str]:
+    """Non-blank lines of a gzipped text file (one sentence a line), stripped."""
+    for _, line in _text_lines(path):
+        if line.strip():
+            yield line.strip()
+
+
+def wiki_file(config: DataConfig) -> Path:
+    """The local Wikipedia sentence file."""
+    return find_file(config.data_dir, WIKI_FILES, "Wikipedia sentence corpus")
 
 
 def find_file(data_dir: Path | None, names: tuple[str, ...], what: str) -> Path:
@@ -175,22 +244,21 @@ def read_heldout_suites(config: DataConfig) -> dict[str, StsPairs]:
         path = Path(entry) if Path(entry).is_absolute() else Path(config.data_dir or ".") / entry
         if not path.is_file():
             raise DataError(
-                f"data.heldout_suites: {path} does not exist; remove it from the list or fix the path"
+                f"data.heldout_suites: {path} does not exist; remove it from the list "
+                f"(e.g. --set data.heldout_suites=[]) or fix the path"
             )
-        opener = gzip.open if path.name.endswith(".gz") else open
         rows: dict[str, list[tuple[str, str, float]]] = {}
-        with opener(path, "rt", encoding="utf-8", newline="") as handle:
-            reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-            missing = {"score", "sentence1", "sentence2"} - set(reader.fieldnames or [])
-            if missing:
-                raise DataError(
-                    f"{path}: header lacks columns {sorted(missing)} (need score, sentence1, sentence2)"
-                )
-            stem = path.name.split(".")[0]
-            for line_no, row in enumerate(reader, start=2):
-                name = (row.get("dataset") or stem).lower()
-                score = _parse_score(row["score"], path, line_no)
-                rows.setdefault(name, []).append((row["sentence1"].strip(), row["sentence2"].strip(), score))
+        stem = path.name.split(".")[0]
+        layout = "an STS file with score, sentence1 and sentence2 columns (like sts12-16.tsv.gz)"
+        for line_no, row in read_tsv(path, ("score", "sentence1", "sentence2"), layout):
+            name = (row.get("dataset") or stem).lower()
+            score = _parse_score(row["score"], path, line_no)
+            pair = (_sentence(row, "sentence1", path, line_no), _sentence(row, "sentence2", path, line_no))
+            rows.setdefault(name, []).append((*pair, score))
+        if not rows:
+            raise DataError(
+                f"{path}: has a header but no rows; add scored pairs or remove it from data.heldout_suites"
+            )
         for name, pairs in rows.items():
             suites[name] = StsPairs([p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs])
     return suites
@@ -266,32 +334,75 @@ def build_corpus(config: DataConfig, stsb: dict[str, StsPairs]) -> tuple[list[st
             break
         if sentence not in corpus and sentence not in eval_sentences:
             heldout.append(sentence)
+    if taken < config.corpus_wiki_sentences or len(heldout) < config.heldout_sentences:
+        source = wiki_file(config) if config.source == "local" else "the Hub's wikipedia-en-sentences"
+        raise DataError(
+            f"{source}: the Wikipedia corpus ran out: asked for {config.corpus_wiki_sentences} corpus + "
+            f"{config.heldout_sentences} held-out sentences (data.corpus_wiki_sentences + "
+            f"data.heldout_sentences), the file gave {taken} + {len(heldout)} usable ones; lower "
+            f"data.corpus_wiki_sentences or data.heldout_sentences, or use a larger sentence file"
+        )
     if not corpus:
         raise DataError(
             "the distillation corpus is empty: set data.corpus_wiki_sentences > 0 "
             "or data.include_stsb_train=true"
         )
-    if taken < config.corpus_wiki_sentences or len(heldout) < config.heldout_sentences:
-        raise DataError(
-            f"the Wikipedia corpus ran out: asked for {config.corpus_wiki_sentences} corpus + "
-            f"{config.heldout_sentences} held-out sentences, got {taken} + {len(heldout)}; "
-            f"lower data.corpus_wiki_sentences or data.heldout_sentences"
-        )
     return list(corpus), heldout
 
 
-@task(name="prepare-data", retries=1, retry_delay_seconds=5)
+def cap_eval_pairs(stsb: dict[str, StsPairs], max_pairs: int | None) -> dict[str, StsPairs]:
+    """STS-B with dev and test cut to their first ``max_pairs`` pairs (train as it is)."""
+    if max_pairs is None:
+        return stsb
+    return {
+        split: StsPairs(*(col[:max_pairs] for col in (p.sentences1, p.sentences2, p.scores)))
+        if split != "train"
+        else p
+        for split, p in stsb.items()
+    }
+
+
+@dataclass(frozen=True)
+class DataCheck:
+    """What :func:`check_data` found: the sizes the flow's data step will produce."""
+
+    corpus_size: int
+    heldout_size: int
+    sts_pairs: dict[str, int]
+    heldout_suite_pairs: dict[str, int]  # suite -> pairs in the file(s), before decontamination
+
+
+def check_data(config: DataConfig) -> DataCheck:
+    """Read every local input the flow reads, as it reads it, and raise ``DataError`` on the first problem.
+
+    The STS-B file and the held-out suite files are parsed in full (they are small); the Wikipedia file is
+    streamed only as far as the corpus and held-out sentences go. Nothing is written. A ``hub`` source is not
+    checked (it needs the network); its sizes are the requested ones.
+    """
+    if config.source != "local":
+        return DataCheck(config.corpus_wiki_sentences, config.heldout_sentences, {}, {})
+    stsb = cap_eval_pairs(read_stsb(config), config.max_eval_pairs)
+    corpus, heldout = build_corpus(config, stsb)
+    suites = read_heldout_suites(config)
+    return DataCheck(
+        corpus_size=len(corpus),
+        heldout_size=len(heldout),
+        sts_pairs={split: len(p) for split, p in stsb.items()},
+        heldout_suite_pairs={name: len(p) for name, p in suites.items()},
+    )
+
+
+def _retry_unless_bad_input(task: object, task_run: object, state: object) -> bool:
+    """Prefect retry condition: a ``DataError`` is the input's fault, and reading it again fails again."""
+    return not isinstance(getattr(state, "data", None), DataError)
+
+
+@task(name="prepare-data", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_unless_bad_input)
 def prepare_data(config: DataConfig, work_dir: Path) -> PreparedData:
     """Read, check and write STS-B splits, the corpus and held-out sentences under ``work_dir/data``."""
     stsb = read_stsb(config)
     seen = [stsb["train"], stsb["dev"]]  # uncapped: what CoSENT trains on and what selects checkpoints
-    if config.max_eval_pairs is not None:
-        stsb = {
-            split: StsPairs(*(col[: config.max_eval_pairs] for col in (p.sentences1, p.sentences2, p.scores)))
-            if split != "train"
-            else p
-            for split, p in stsb.items()
-        }
+    stsb = cap_eval_pairs(stsb, config.max_eval_pairs)
     corpus, heldout = build_corpus(config, stsb)
     # STS-B train and dev count whether or not train is in the corpus: CoSENT trains on its labels
     suites, suite_counts = decontaminate_suites(

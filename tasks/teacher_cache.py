@@ -3,7 +3,10 @@
 Key = fingerprint of the teacher (weights, config, tokenizer, pooling, normalization, max_seq_length)
 + hash of the sentence list + dtype. An entry is a folder ``<cache_dir>/<key>/`` holding ``meta.json`` and
 ``shard-00000.npy`` ...; it is written under a temporary name and renamed when complete, so a crashed
-run leaves no half-written entry. Shards are read with ``allow_pickle=False``.
+run leaves no half-written entry. ``meta.json`` records each shard's size, sha256, shape and dtype: a hit
+is used only after every shard checks out. A broken entry (truncated, missing, overwritten or unreadable
+shard, missing or malformed ``meta.json``) is logged, moved aside and encoded again, never used.
+Shards are read with ``allow_pickle=False``.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prefect import task
@@ -28,7 +33,27 @@ log = logging.getLogger(__name__)
 
 SHARD_ROWS = 50_000
 PROGRESS_ROWS = 1_024  # progress-bar granularity
-CACHE_FORMAT = 1
+# 2: meta.json records each shard's bytes, sha256, shape and dtype. The format is part of the key, so
+# entries of an older format are simply misses.
+CACHE_FORMAT = 2
+DTYPES = ("float32", "float16")
+_SHARD_NAME = re.compile(r"shard-\d{5}\.npy")
+_RENAME_TRIES = 3
+
+
+class CacheEntryError(ValueError):
+    """A teacher-cache entry that cannot be used; the message names the folder, what is wrong and the fix."""
+
+    def __init__(self, entry: Path, problem: str) -> None:
+        self.entry = Path(entry)
+        self.problem = problem
+        super().__init__(
+            f"teacher cache entry {entry} is broken: {problem}. Delete that folder; the next run "
+            "encodes the sentences again"
+        )
+
+    def __reduce__(self):  # picklable (Prefect may persist a task's exception)
+        return type(self), (self.entry, self.problem)
 
 
 @dataclass(frozen=True)
@@ -55,16 +80,187 @@ def cache_key(teacher_fingerprint: str, sentences: list[str], dtype: str) -> str
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-def load_embeddings(entry: Path, mmap: bool = True) -> np.ndarray:
-    meta = json.loads((Path(entry) / "meta.json").read_text())
-    shards = [
-        np.load(Path(entry) / name, mmap_mode="r" if mmap else None, allow_pickle=False)
-        for name in meta["shards"]
-    ]
-    array = shards[0] if len(shards) == 1 else np.concatenate(shards)
-    if array.shape != (meta["rows"], meta["dim"]) or str(array.dtype) != meta["dtype"]:
-        raise ValueError(f"cache entry {entry} is inconsistent with its meta.json: delete the folder")
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_meta(entry: Path) -> dict[str, Any]:
+    """The entry's ``meta.json``, checked for shape; raises :class:`CacheEntryError` naming what is wrong."""
+    entry = Path(entry)
+    path = entry / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CacheEntryError(entry, "it has no meta.json") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CacheEntryError(entry, f"meta.json is unreadable ({exc})") from exc
+    problem = _meta_problem(meta)
+    if problem:
+        raise CacheEntryError(entry, f"meta.json is malformed ({problem})")
+    return meta
+
+
+def _meta_problem(meta: Any) -> str | None:
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    if meta.get("format") != CACHE_FORMAT:
+        return f"format {meta.get('format')!r}, expected {CACHE_FORMAT}"
+    for field in ("rows", "dim"):
+        if not isinstance(meta.get(field), int) or isinstance(meta.get(field), bool) or meta[field] < 0:
+            return f"{field} {meta.get(field)!r} is not a non-negative integer"
+    if meta.get("dtype") not in DTYPES:
+        return f"dtype {meta.get('dtype')!r} is not one of {list(DTYPES)}"
+    shards, infos = meta.get("shards"), meta.get("shard_info")
+    if not isinstance(shards, list) or not isinstance(infos, list) or len(shards) != len(infos):
+        return "shards and shard_info are not lists of the same length"
+    rows = 0
+    for name, info in zip(shards, infos, strict=True):
+        if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
+            return f"shard name {name!r} is not shard-NNNNN.npy"
+        if not isinstance(info, dict):
+            return f"shard_info of {name} is not an object"
+        shape = info.get("shape")
+        if (
+            not isinstance(info.get("bytes"), int)
+            or not isinstance(info.get("sha256"), str)
+            or len(info["sha256"]) != 64
+            or not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(isinstance(n, int) for n in shape)
+            or shape[1] != meta["dim"]
+            or info.get("dtype") != meta["dtype"]
+        ):
+            return f"shard_info of {name} lacks bytes / sha256 / a [rows, {meta['dim']}] shape / the dtype"
+        rows += shape[0]
+    if rows != meta["rows"]:
+        return f"the shards hold {rows} rows, rows says {meta['rows']}"
+    return None
+
+
+def verify_entry(entry: Path) -> dict[str, Any]:
+    """Check ``meta.json`` and every shard (size, sha256, header); return the meta or raise CacheEntryError.
+
+    Reads every byte of the entry once (a 50k x 384 float32 shard is 75 MB).
+    """
+    entry = Path(entry)
+    meta = read_meta(entry)
+    for name, info in zip(meta["shards"], meta["shard_info"], strict=True):
+        path = entry / name
+        try:
+            size = path.stat().st_size
+            if size != info["bytes"]:
+                raise CacheEntryError(
+                    entry, f"{name} is {size} bytes, meta.json says {info['bytes']} (truncated or replaced)"
+                )
+            if file_sha256(path) != info["sha256"]:
+                raise CacheEntryError(
+                    entry, f"{name} does not match its sha256 in meta.json (overwritten or foreign data)"
+                )
+        except FileNotFoundError:
+            raise CacheEntryError(entry, f"{name} is missing") from None
+        except OSError as exc:
+            raise CacheEntryError(entry, f"{name} is unreadable ({exc})") from exc
+        _open_shard(entry, name, info, mmap=True)  # the header agrees with meta.json
+    return meta
+
+
+def _open_shard(entry: Path, name: str, info: dict[str, Any], mmap: bool) -> np.ndarray:
+    try:
+        array = np.load(entry / name, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise CacheEntryError(entry, f"{name} is missing") from None
+    except (OSError, ValueError, EOFError) as exc:  # bad header, truncated data, pickled objects
+        raise CacheEntryError(entry, f"{name} is not a readable .npy array ({exc})") from exc
+    if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
+        raise CacheEntryError(
+            entry,
+            f"{name} holds a {list(array.shape)} {array.dtype} array, meta.json says "
+            f"{info['shape']} {info['dtype']}",
+        )
     return array
+
+
+def load_embeddings(entry: Path, mmap: bool = True, verify: bool = False) -> np.ndarray:
+    """The entry's embeddings as one (rows, dim) array, memory-mapped when it is a single shard.
+
+    Checks ``meta.json`` and each shard's size, shape and dtype; ``verify=True`` also hashes every shard.
+    Raises :class:`CacheEntryError` (a ``ValueError`` naming the entry) on a broken entry.
+    """
+    entry = Path(entry)
+    meta = verify_entry(entry) if verify else read_meta(entry)
+    shards = []
+    for name, info in zip(meta["shards"], meta["shard_info"], strict=True):
+        try:
+            size = (entry / name).stat().st_size
+        except FileNotFoundError:
+            raise CacheEntryError(entry, f"{name} is missing") from None
+        if size != info["bytes"]:
+            raise CacheEntryError(entry, f"{name} is {size} bytes, meta.json says {info['bytes']}")
+        shards.append(_open_shard(entry, name, info, mmap))
+    if not shards:
+        return np.empty((0, meta["dim"]), dtype=meta["dtype"])
+    return shards[0] if len(shards) == 1 else np.concatenate(shards)
+
+
+def check_entry(entry: Path, rows: int, dtype: str) -> dict[str, Any]:
+    """:func:`verify_entry`, and the entry holds ``rows`` embeddings of ``dtype``; raises CacheEntryError."""
+    entry = Path(entry)
+    if not entry.is_dir() or entry.is_symlink():
+        raise CacheEntryError(entry, "it is not a folder")
+    meta = verify_entry(entry)
+    if meta["rows"] != rows or meta["dtype"] != dtype:
+        raise CacheEntryError(entry, f"it holds {meta['rows']} {meta['dtype']} rows, expected {rows} {dtype}")
+    return meta
+
+
+def discard_entry(entry: Path, problem: str, rows: int | None = None, dtype: str | None = None) -> None:
+    """Move a broken entry aside under a unique name, then delete it; safe when processes race.
+
+    Only the process whose rename succeeds deletes what it moved. When ``rows`` and ``dtype`` are given and
+    what it moved checks out (another process renamed a fresh entry into place after the broken one was
+    checked), it is put back instead.
+    """
+    entry = Path(entry)
+    log.warning("teacher cache entry %s is broken (%s): moving it aside and encoding again", entry, problem)
+    trash = entry.with_name(f".{entry.name}.trash-{uuid.uuid4().hex[:8]}")
+    try:
+        entry.rename(trash)
+    except FileNotFoundError:  # another process moved it first
+        return
+    except OSError as exc:
+        log.warning("could not move %s aside (%s)", entry, exc)
+        return
+    if trash.is_dir() and not trash.is_symlink():
+        if rows is not None and dtype is not None:
+            try:
+                check_entry(trash, rows, dtype)
+            except CacheEntryError:
+                pass
+            else:  # a fresh, whole entry: put it back (unless yet another one is there by now)
+                try:
+                    trash.rename(entry)
+                    return
+                except OSError:
+                    pass
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
+
+
+def _verified_hit(entry: Path, rows: int, dtype: str) -> dict[str, Any] | None:
+    """The entry's meta when it is there, whole and for these sentences; None on a miss (a broken entry is
+    discarded)."""
+    if not entry.exists() and not entry.is_symlink():
+        return None
+    try:
+        return check_entry(entry, rows, dtype)
+    except CacheEntryError as exc:
+        discard_entry(entry, exc.problem, rows, dtype)
+    try:  # another process may have put a whole entry there meanwhile
+        return check_entry(entry, rows, dtype) if entry.exists() else None
+    except CacheEntryError:
+        return None
 
 
 def get_or_encode(
@@ -77,15 +273,18 @@ def get_or_encode(
     max_seq_length: int | None = None,
     trust_remote_code: bool = False,
 ) -> CachedEmbeddings:
-    """Return the cached teacher embeddings of the sentences in ``sentences_file``, encoding on a miss."""
-    if dtype not in ("float32", "float16"):
+    """Return the cached teacher embeddings of the sentences in ``sentences_file``, encoding on a miss.
+
+    A hit is verified shard by shard first; a broken entry is logged, discarded and encoded again.
+    """
+    if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: the teacher cache stores float32 or float16")
     start = time.perf_counter()
     sentences = read_lines(sentences_file)
     key = cache_key(fingerprint_model_dir(Path(teacher_dir), max_seq_length), sentences, dtype)
     entry = Path(cache_dir) / key
-    if (entry / "meta.json").is_file():
-        meta = json.loads((entry / "meta.json").read_text())
+    meta = _verified_hit(entry, len(sentences), dtype)
+    if meta is not None:
         log.info("teacher cache hit %s: %d x %d embeddings, nothing encoded", key, meta["rows"], meta["dim"])
         return CachedEmbeddings(entry, key, meta["rows"], meta["dim"], dtype, 0, time.perf_counter() - start)
 
@@ -97,6 +296,7 @@ def get_or_encode(
     tmp.mkdir(parents=True)
     try:
         shards: list[str] = []
+        shard_info: list[dict[str, Any]] = []
         dim = 0
         with tqdm(total=len(sentences), desc="teacher embeddings", unit="sent") as bar:
             for index, offset in enumerate(range(0, len(sentences), SHARD_ROWS)):
@@ -112,19 +312,25 @@ def get_or_encode(
                 name = f"shard-{index:05d}.npy"
                 np.save(tmp / name, emb, allow_pickle=False)
                 shards.append(name)
+                shard_info.append(
+                    {
+                        "bytes": (tmp / name).stat().st_size,
+                        "sha256": file_sha256(tmp / name),
+                        "shape": list(emb.shape),
+                        "dtype": str(emb.dtype),
+                    }
+                )
         meta = {
+            "format": CACHE_FORMAT,
             "rows": len(sentences),
             "dim": dim,
             "dtype": dtype,
             "shards": shards,
+            "shard_info": shard_info,
             "teacher": str(teacher_dir),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            tmp.rename(entry)
-        except OSError:  # another run finished the same entry first: keep theirs
-            if not (entry / "meta.json").is_file():
-                raise
+        _publish(tmp, entry, len(sentences), dtype)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
@@ -135,6 +341,20 @@ def get_or_encode(
         len(sentences) / seconds,
     )
     return CachedEmbeddings(entry, key, len(sentences), dim, dtype, len(sentences), seconds)
+
+
+def _publish(tmp: Path, entry: Path, rows: int, dtype: str) -> None:
+    """Rename the finished ``tmp`` to ``entry``; when another run got there first, keep theirs if whole."""
+    for _ in range(_RENAME_TRIES):
+        try:
+            tmp.rename(entry)
+            return
+        except OSError:
+            # another run finished the same entry first: keep theirs, unless it is broken (then it is
+            # discarded and the rename is tried again)
+            if _verified_hit(entry, rows, dtype) is not None:
+                return
+    tmp.rename(entry)  # raises, naming both paths
 
 
 @task(name="cache-teacher-embeddings")

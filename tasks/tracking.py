@@ -1,13 +1,14 @@
-"""MLflow plumbing: where the store is, the parent run of a flow run, and one child run per variant.
+"""MLflow plumbing: the parent run of a flow run, and one child run per variant.
 
 Child runs name their parent explicitly (``parent_run_id``): Prefect may run tasks in worker threads, where
-MLflow's thread-local "active run" is not visible.
+MLflow's thread-local "active run" is not visible. Where the store is and the experiment:
+:mod:`tasks.tracking_store`; failure states and abandoned runs: :mod:`tasks.run_states`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,39 +20,14 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 
 from tasks.config import DistillConfig
+from tasks.run_states import FAILURE_REASON_TAG, MAX_TAG_CHARS, close_abandoned_runs, run_identity_tags
+from tasks.tracking_store import PARENT_RUN_TAG, redact_uri, short_error, with_retries
 from tasks.variants import Variant
 
 log = logging.getLogger(__name__)
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
-def tracking_uri(config: DistillConfig) -> str:
-    """Config first, then ``MLFLOW_TRACKING_URI``, else a SQLite store in the work directory."""
-    uri = config.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    return f"sqlite:///{(Path(config.work_dir).resolve() / 'mlflow.db').as_posix()}"
-
-
-def setup_experiment(config: DistillConfig) -> str:
-    """Point MLflow at the store and return the experiment id (created on first use)."""
-    uri = tracking_uri(config)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(config.tracking.experiment)
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:
-        artifact_location = None
-        if uri.startswith("sqlite:///"):  # keep a local store's artifacts beside it, not in the cwd
-            artifact_location = (Path(config.work_dir).resolve() / "mlartifacts").as_uri()
-        experiment_id = mlflow.create_experiment(config.tracking.experiment, artifact_location)
-    if (experiment.tags if experiment else {}).get(EXPERIMENT_KIND_TAG) is None:
-        # MLflow 3's UI opens an experiment on its model-training views (runs table, charts) only with
-        # this tag; without it, on the GenAI traces overview.
-        MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
-    return experiment_id
+RUN_NAME_TAG = "mlflow.runName"
 
 
 def git_commit() -> str | None:
@@ -70,16 +46,33 @@ def git_commit() -> str | None:
 
 @contextmanager
 def parent_run(
-    config: DistillConfig, experiment_id: str, run_name: str, tags: dict[str, str]
+    config: DistillConfig,
+    experiment_id: str,
+    run_name: str,
+    tags: dict[str, str],
+    close_abandoned: bool = True,
 ) -> Iterator[str]:
-    """The flow run's MLflow run: the whole config as params; ended FAILED if the flow raises."""
-    all_tags = dict(tags)
+    """The flow run's MLflow run: the whole config as params; ended FAILED if the flow raises.
+
+    Tagged with :func:`run_identity_tags`. First closes runs of this experiment that a process on this
+    host left RUNNING when it was killed (``close_abandoned``).
+    """
+    if close_abandoned:
+        try:
+            close_abandoned_runs(experiment_id)
+        except Exception as exc:  # housekeeping: never the reason a run fails
+            log.warning("could not look for abandoned MLflow runs (%s)", short_error(exc))
+    all_tags = {**tags, **run_identity_tags()}
     commit = git_commit()
     if commit:
         all_tags["mlflow.source.git.commit"] = commit
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags) as run:
-        mlflow.log_params(config.flat_params())
-        log.info("MLflow run %s (%s) in %s", run.info.run_id, run_name, mlflow.get_tracking_uri())
+    active = with_retries(
+        lambda: mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags),
+        what="starting the MLflow run",
+    )
+    with active as run:
+        with_retries(lambda: mlflow.log_params(config.flat_params()), what="logging the config")
+        log.info("MLflow run %s (%s) in %s", run.info.run_id, run_name, redact_uri(mlflow.get_tracking_uri()))
         yield run.info.run_id
 
 
@@ -93,15 +86,41 @@ def log_child_run(
     artifacts_dir: Path | None = None,
     artifact_path: str = "model",
 ) -> str:
-    """One finished child run under ``parent_run_id``; returns its id."""
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, nested=True, parent_run_id=parent_run_id, tags=tags
-    ) as run:
-        mlflow.log_params(params)
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
+    """One finished child run under ``parent_run_id``; returns its id.
+
+    Goes through :class:`MlflowClient` (no thread-local active run); each call is retried on transient
+    errors, so a hiccup neither fails the flow nor leaves a duplicate child run.
+    """
+    from mlflow.tracking.context import registry as context_registry
+
+    client = MlflowClient()
+    run_tags = context_registry.resolve_tags(
+        {**(tags or {}), PARENT_RUN_TAG: parent_run_id, RUN_NAME_TAG: run_name}
+    )
+    run = with_retries(
+        lambda: client.create_run(experiment_id, tags=run_tags, run_name=run_name),
+        what=f"creating child run {run_name}",
+    )
+    run_id = run.info.run_id
+    try:
+        with_retries(lambda: mlflow.log_params(params, run_id=run_id), what=f"logging params of {run_name}")
+        with_retries(
+            lambda: mlflow.log_metrics(
+                {k: float(v) for k, v in metrics.items() if v is not None}, run_id=run_id
+            ),
+            what=f"logging metrics of {run_name}",
+        )
         if artifacts_dir is not None:
-            MlflowClient().log_artifacts(run.info.run_id, str(artifacts_dir), artifact_path)
-        return run.info.run_id
+            with_retries(
+                lambda: client.log_artifacts(run_id, str(artifacts_dir), artifact_path),
+                what=f"logging the model of {run_name}",
+            )
+    except BaseException:
+        with contextlib.suppress(Exception):
+            client.set_terminated(run_id, "FAILED")
+        raise
+    with_retries(lambda: client.set_terminated(run_id, "FINISHED"), what=f"ending child run {run_name}")
+    return run_id
 
 
 @task(name="log-to-mlflow")
@@ -118,7 +137,8 @@ def log_results(
 
     child_ids: dict[str, str] = {}
     logged: set[Path] = set()
-    for variant, (_, row) in zip(variants, table.iterrows(), strict=True):
+    rows = list(table.iterrows())
+    for variant, (_, row) in zip(variants, rows[: len(variants)], strict=True):
         params = {
             "variant": variant.name,
             "kind": variant.kind,
@@ -126,6 +146,7 @@ def log_results(
             "backend": variant.backend,
             "precision": variant.precision,
             "uses_sts_labels": str(variant.uses_sts_labels).lower(),
+            "artifact_key": variant.key,  # the content key of what it runs: equal keys, same model
             **variant.params,
         }
         # a model folder is logged once, with the first variant that runs it
@@ -138,11 +159,28 @@ def log_results(
             run_name=variant.name,
             params=params,
             metrics={column: row[column] for column in metric_columns(table)},
-            tags={"variant.kind": variant.kind},
+            tags={"variant.kind": variant.kind, "distill.reused": str(variant.reused).lower()},
             artifacts_dir=variant.model_dir if log_model else None,
         )
-    mlflow.log_table(table, artifact_file="tradeoff_table.json", run_id=parent_run_id)
     client = MlflowClient()
+    for _, row in rows[len(variants) :]:  # compress steps that failed: a FAILED child run each, with why
+        run_id = log_child_run(
+            experiment_id,
+            parent_run_id,
+            run_name=row["variant"],
+            params={"variant": row["variant"], "kind": row["kind"], "parent": row["parent"]},
+            metrics={},
+            tags={"variant.kind": row["kind"], FAILURE_REASON_TAG: str(row["status"])[:MAX_TAG_CHARS]},
+        )
+        with_retries(lambda run_id=run_id: client.set_terminated(run_id, "FAILED"), what="ending a run")
+        child_ids[row["variant"]] = run_id
+    with_retries(
+        lambda: mlflow.log_table(table, artifact_file="tradeoff_table.json", run_id=parent_run_id),
+        what="logging the trade-off table",
+    )
     for path in report_files.values():
-        client.log_artifact(parent_run_id, str(path), "report")
+        with_retries(
+            lambda path=path: client.log_artifact(parent_run_id, str(path), "report"),
+            what=f"logging {Path(path).name}",
+        )
     return child_ids

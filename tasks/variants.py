@@ -46,6 +46,9 @@ class Variant:
         build_seconds: Time it took to make this variant.
         uses_sts_labels: Trained on STS-B train labels (CoSENT), or derived from such a variant: its STS-B
             and held-out STS figures are not comparable with label-free rows. ``derive`` inherits it.
+        key: Content key: what the variant computes (the teacher's fingerprint, a stored stage output's key,
+            or ``derive``'s hash of the parent's key and the step); quality scores are reused by it.
+        reused: Its model came from an earlier run's stored output instead of being built in this run.
     """
 
     name: str
@@ -61,6 +64,8 @@ class Variant:
     params: dict[str, str] = field(default_factory=dict)
     build_seconds: float = 0.0
     uses_sts_labels: bool = False
+    key: str = ""
+    reused: bool = False
 
     @property
     def lineage(self) -> str:
@@ -69,12 +74,20 @@ class Variant:
     def derive(
         self, name: str, kind: Kind, step: str, params: dict[str, str] | None = None, **fields: object
     ) -> Variant:
-        """A variant made from this one by ``step``; folder and runtime inherited unless ``fields`` say."""
+        """A variant made from this one by ``step``; folder and runtime inherited unless ``fields`` say.
+
+        Its key hashes this variant's key, the step and its params, unless ``fields`` give one.
+        """
+        from tasks.artifacts import stage_key
+
+        derived = {"parent": self.key, "step": step, **(params or {})}
+        fields.setdefault("key", stage_key("variant", 1, derived))
         inherited = {
             "model_dir": self.model_dir,
             "backend": self.backend,
             "model_file": self.model_file,
             "uses_sts_labels": self.uses_sts_labels,
+            "reused": self.reused,  # nothing of its own stored: as reused as its parent
         }
         return Variant(
             name,

@@ -107,3 +107,22 @@ def test_best_student_as_a_compression_target_needs_a_student(
     assert "compress.targets: ['best-student'] name no variant; choose from ['teacher']" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "distill: the following arguments are required: command"),
+        (["run", "--profile", "turbo"], "distill: run: argument --profile: invalid choice: 'turbo'"),
+        (["run", "--bogus"], "distill: unrecognized arguments: --bogus"),
+    ],
+)
+def test_usage_errors_return_2_with_a_message(capsys, args, message) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_help_returns_0(capsys) -> None:
+    assert main(["run", "--help"]) == 0
+    assert "--set KEY=VALUE" in capsys.readouterr().out

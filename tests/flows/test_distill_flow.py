@@ -3,9 +3,6 @@ server each time and one MLflow SQLite store: runs, metrics and table land, and 
 teacher cache (it records encoding nothing with the teacher)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -15,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks.report import METRIC_COLUMNS
 from tests.conftest import tiny_config
+from tests.flows.cli_process import start_cli
 
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED_VARIANTS = [
@@ -43,17 +41,10 @@ EXPECTED_VARIANTS = [
 ]
 
 
-def _run_cli(config_file: Path, prefect_home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "HF_HUB_OFFLINE": "1"}
-    env.pop("PREFECT_API_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", "run", "--config", str(config_file)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+def _run_cli(config_file: Path, prefect_home: Path) -> tuple[int, str]:
+    """Exit code and output of one ``distill run``."""
+    log = prefect_home.with_suffix(".log")
+    return start_cli(config_file, prefect_home, log).wait(timeout=900), log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +55,7 @@ def two_runs(tmp_path_factory, tiny_model_dir, tiny_light_model_dir, data_dir):
     config_file.write_text(yaml.safe_dump(config))
     results = [_run_cli(config_file, tmp / f"prefect-{i}") for i in range(2)]
     for result in results:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert result[0] == 0, result[1][-8000:]
     mlflow.set_tracking_uri(config["tracking"]["tracking_uri"])
     experiment = mlflow.get_experiment_by_name("test")
     parents = mlflow.search_runs(
@@ -109,7 +100,10 @@ def test_child_run_per_variant_with_stable_metrics(two_runs) -> None:
     student = next(c for c in children if c.info.run_name == "ends")
     assert student.data.params["layers"] == "0,3"
     assert {c.data.params["uses_sts_labels"] for c in children} == {"false"}  # no CoSENT student here
-    artifacts = {a.path for a in MlflowClient().list_artifacts(student.info.run_id, "model")}
+    # "ends" keeps layers 0 and 3 as "layers-2of4" does: one stored student, logged with the first row
+    twin = next(c for c in children if c.info.run_name == "layers-2of4")
+    assert twin.data.params["artifact_key"] == student.data.params["artifact_key"]
+    artifacts = {a.path for a in MlflowClient().list_artifacts(twin.info.run_id, "model")}
     assert "model/modules.json" in artifacts
 
 
@@ -134,10 +128,22 @@ def test_second_run_hits_the_teacher_cache(two_runs) -> None:
     first, second = (p.data.metrics["teacher_sentences_encoded"] for p in parents)
     assert first == 200 + 60  # corpus + held-out sentences, encoded once
     assert second == 0
-    assert "teacher cache hit" in results[1].stdout + results[1].stderr
+    assert "teacher cache hit" in results[1][1]
+
+
+def test_an_unchanged_rerun_trains_exports_and_scores_nothing(two_runs) -> None:
+    _, _, parents, results = two_runs
+    first, second = (p.data.metrics for p in parents)
+    # every row but the teacher and the two rows made from it without files (torch int8, binary vectors)
+    assert second["variants_reused"] == len(EXPECTED_VARIANTS) - 3
+    assert first["variants_reused"] < 10  # only "ends" and what is made from it (its twin was built first)
+    log = results[1][1]
+    assert "training student" not in log and "OpenVINO int8 of" not in log and " stored in " not in log
+    assert "reusing student ends" in log and "reusing the quality scores" in log
+    assert second["flow_seconds"] < first["flow_seconds"]
 
 
 def test_cli_prints_the_table(two_runs) -> None:
     _, _, _, results = two_runs
-    out = results[0].stdout + results[0].stderr
+    out = results[0][1]
     assert "Trade-off table" in out and "| teacher" in out and "| ends" in out

@@ -1,6 +1,8 @@
+import logging
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tasks.compress import compress_variants
 from tasks.config import CompressionConfig, DataConfig
@@ -9,9 +11,8 @@ from tasks.teacher_cache import get_or_encode
 from tasks.variants import Variant, encode, load_model
 
 
-def test_compress_makes_every_variant_with_lineage(
-    tiny_model_dir: Path, data_dir: Path, tmp_path: Path
-) -> None:
+@pytest.fixture
+def prepared(tiny_model_dir: Path, data_dir: Path, tmp_path: Path):
     data = prepare_data.fn(
         DataConfig(
             data_dir=data_dir,
@@ -24,11 +25,19 @@ def test_compress_makes_every_variant_with_lineage(
         tmp_path,
     )
     corpus = get_or_encode(tiny_model_dir, data.corpus_file, tmp_path / "cache")
-    teacher = Variant("teacher", "teacher", tiny_model_dir)
-    config = CompressionConfig(
-        targets=("teacher",), pca_dims=(16, 4), pca_fit_sentences=100, openvino_calibration_sentences=20
-    )
-    made = compress_variants.fn([teacher], config, data, corpus, tmp_path / "compressed")
+    return data, corpus
+
+
+CONFIG = CompressionConfig(
+    targets=("teacher",), pca_dims=(16, 4), pca_fit_sentences=100, openvino_calibration_sentences=20
+)
+
+
+def test_compress_makes_every_variant_with_lineage(tiny_model_dir: Path, prepared, tmp_path: Path) -> None:
+    data, corpus = prepared
+    teacher = Variant("teacher", "teacher", tiny_model_dir, key="tiny")
+    made, failures = compress_variants([teacher], CONFIG, data, corpus, tmp_path / "artifacts")
+    assert failures == []
     by_name = {v.name: v for v in made}
     assert set(by_name) == {
         "teacher-pca16",
@@ -57,3 +66,43 @@ def test_compress_makes_every_variant_with_lineage(
             assert out.shape == (2, 4) and out.dtype == np.uint8
         else:
             assert out.shape == (2, expected[variant.kind][1]) and out.dtype == np.float32
+
+
+def test_an_unchanged_rerun_reuses_every_stored_output(
+    tiny_model_dir: Path, prepared, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    data, corpus = prepared
+    teacher = Variant("teacher", "teacher", tiny_model_dir, key="tiny")
+    first, _ = compress_variants([teacher], CONFIG, data, corpus, tmp_path / "artifacts")
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an unchanged step was redone")
+
+    for name in ("export_onnx", "quantize_openvino_int8", "reduce_with_pca"):
+        monkeypatch.setattr(f"tasks.compress.{name}", must_not_run)
+    with caplog.at_level(logging.INFO, logger="tasks.artifacts"):
+        second, failures = compress_variants([teacher], CONFIG, data, corpus, tmp_path / "artifacts")
+    assert failures == []
+    assert [(v.name, v.key, v.model_dir) for v in second] == [(v.name, v.key, v.model_dir) for v in first]
+    stored = [v for v in second if v.kind != "quantized" or v.backend != "torch-int8"]
+    assert all(v.reused for v in stored if v.precision != "ubinary")
+    assert "reusing teacher-onnx" in caplog.text
+
+
+def test_a_failing_step_fails_its_rows_only(
+    tiny_model_dir: Path, prepared, tmp_path: Path, monkeypatch
+) -> None:
+    data, corpus = prepared
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr("tasks.compress.export_onnx", broken_export)
+    teacher = Variant("teacher", "teacher", tiny_model_dir, key="tiny")
+    made, failures = compress_variants([teacher], CONFIG, data, corpus, tmp_path / "artifacts")
+    assert [(f.target, f.step, f.error) for f in failures] == [
+        ("teacher", "onnx", "RuntimeError: exporter crashed")
+    ]
+    names = {v.name for v in made}
+    assert "teacher-openvino-int8" in names and "teacher-pca4" in names and "teacher-onnx" not in names
+    assert not list((tmp_path / "artifacts" / "onnx").glob("[!.]*"))  # nothing half-written is kept

@@ -1,4 +1,5 @@
 import gzip
+import inspect
 import logging
 from pathlib import Path
 
@@ -9,8 +10,11 @@ from tasks.data import (
     DataError,
     StsPairs,
     build_corpus,
+    check_data,
     decontaminate_suites,
+    iter_wiki_sentences,
     prepare_data,
+    read_heldout_suites,
     read_lines,
     read_sts,
     read_stsb,
@@ -202,3 +206,145 @@ def test_corpus_does_not_depend_on_the_heldout_suites(data_dir: Path, tmp_path: 
     without = prepare_data.fn(config.model_copy(update={"heldout_suites": ()}), tmp_path / "b")
     assert read_lines(with_suites.corpus_file) == read_lines(without.corpus_file)
     assert without.heldout_suites == {} and without.heldout_suite_counts == {}
+
+
+def _gz(folder: Path, name: str, data: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(gzip.compress(data))
+    return folder / name
+
+
+def _stsb_bytes() -> bytes:
+    rows = [_row("train", "1.0"), _row("dev", "2.5"), _row("test", "5")]
+    return (HEADER + "".join(r + "\n" for r in rows)).encode()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda raw: gzip.compress(raw)[:40],
+            r"stsb.tsv.gz: the gzip data ends early, (at the start|after line \d)",
+        ),
+        (lambda raw: b"\x00\x01not gzip at all" * 10, r"stsb.tsv.gz: is not a gzip file .*replace it"),
+        (lambda raw: raw, r"stsb.tsv.gz: is not a gzip file"),  # plain text under a .gz name
+        (lambda raw: b"", r"stsb.tsv.gz: the file is empty; expected a header line"),
+        (
+            lambda raw: gzip.compress(raw.replace(b"A man sings.", b"A man sings \xe9.", 1)),
+            r"stsb.tsv.gz: line 2: the text is not UTF-8 .*re-encode",
+        ),
+        (
+            lambda raw: gzip.compress(raw.replace(b"\tA man sings.\tA man is singing.\t\t", b"", 1)),
+            r"stsb.tsv.gz: line 2: 6 tab-separated fields where the header has 10 \(split, genre",
+        ),
+        (
+            lambda raw: gzip.compress(raw.replace(b"A man sings.", b"A man\tsings.", 1)),
+            r"stsb.tsv.gz: line 2: 11 tab-separated fields",
+        ),
+        (
+            lambda raw: gzip.compress(raw.replace(b"A man sings.", b" ", 1)),
+            r"stsb.tsv.gz: line 2: sentence1 is empty",
+        ),
+    ],
+)
+def test_unreadable_stsb_is_a_data_error_naming_file_line_and_fix(tmp_path: Path, make, message: str) -> None:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "stsb.tsv.gz").write_bytes(make(_stsb_bytes()))
+    with pytest.raises(DataError, match=message):
+        read_stsb(DataConfig(data_dir=folder))
+
+
+def test_bom_crlf_and_blank_lines_are_read(tmp_path: Path) -> None:
+    text = _stsb_bytes().replace(b"\n", b"\r\n", 2) + b"\n\n"
+    _gz(tmp_path / "d", "stsb.tsv.gz", b"\xef\xbb\xbf" + text)
+    stsb = read_stsb(DataConfig(data_dir=tmp_path / "d"))
+    assert stsb["train"].sentences2 == ["A man is singing."] and stsb["test"].scores == [1.0]
+
+
+def test_wiki_reading_stops_at_what_is_used(tmp_path: Path) -> None:
+    folder = _write_stsb(
+        tmp_path / "d", [_row("train", "1"), _row("dev", "1", "x", "y"), _row("test", "1", "z", "w")]
+    )
+    lines = ["curid\tsentence"] + [f"{i}\tWiki sentence number {i} is here." for i in range(30)]
+    lines[5] = "4\t   "  # a blank sentence is skipped
+    lines[25] = "broken row"  # past what is read: never looked at
+    raw = gzip.compress("\n".join(lines).encode())
+    (folder / "wiki_en_sentences.tsv.gz").write_bytes(raw)
+    config = DataConfig(
+        data_dir=folder, corpus_wiki_sentences=5, heldout_sentences=10, include_stsb_train=False
+    )
+    corpus, heldout = build_corpus(config, read_stsb(config))
+    assert len(corpus) == 5 and len(heldout) == 10 and "" not in corpus
+    (folder / "wiki_en_sentences.tsv.gz").write_bytes(raw[: len(raw) // 3])
+    with pytest.raises(
+        DataError, match=r"wiki_en_sentences.tsv.gz: the gzip data ends early, after line \d+"
+    ):
+        build_corpus(config, read_stsb(config))
+
+
+def test_plain_text_wiki_layout_reports_a_truncated_file(tmp_path: Path) -> None:
+    folder = _write_stsb(
+        tmp_path / "d", [_row("train", "1"), _row("dev", "1", "x", "y"), _row("test", "1", "z", "w")]
+    )
+    raw = gzip.compress("".join(f"Sentence number {i} is here.\n" for i in range(200)).encode())
+    (folder / "wikipedia-en-sentences.txt.gz").write_bytes(raw)
+    config = DataConfig(data_dir=folder, corpus_wiki_sentences=20, heldout_sentences=10)
+    assert len(build_corpus(config, read_stsb(config))[1]) == 10
+    (folder / "wikipedia-en-sentences.txt.gz").write_bytes(raw[:-30])
+    with pytest.raises(DataError, match=r"wikipedia-en-sentences.txt.gz: the gzip data"):
+        list(iter_wiki_sentences(config))
+
+
+def test_corpus_that_runs_out_names_the_file(tmp_path: Path) -> None:
+    folder = _write_stsb(
+        tmp_path / "d", [_row("train", "1"), _row("dev", "1", "x", "y"), _row("test", "1", "z", "w")]
+    )
+    _write_wiki(folder, 0)  # header only
+    config = DataConfig(
+        data_dir=folder, corpus_wiki_sentences=5, heldout_sentences=10, include_stsb_train=False
+    )
+    with pytest.raises(
+        DataError, match=r"wiki_en_sentences.tsv.gz: the Wikipedia corpus ran out.* gave 0 \+ 0"
+    ):
+        build_corpus(config, read_stsb(config))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("dataset\tscore\tsentence1\tsentence2\n", "has a header but no rows"),
+        ("dataset\tscore\tsentence1\nSTS12\t1.0\ta\n", r"line 1: header .* lacks columns \['sentence2'\]"),
+        ("dataset\tscore\tsentence1\tsentence2\nSTS12\t9\ta\tb\n", "line 2: score 9.0 is outside 0..5"),
+        ("dataset\tscore\tsentence1\tsentence2\nSTS12\t1\ta\n", "line 2: 3 tab-separated fields"),
+    ],
+)
+def test_bad_heldout_suite_is_reported(tmp_path: Path, content: str, message: str) -> None:
+    _gz(tmp_path, "suite.tsv.gz", content.encode())
+    config = DataConfig(data_dir=tmp_path, heldout_suites=("suite.tsv.gz",))
+    with pytest.raises(DataError, match=rf"suite.tsv.gz: {message}"):
+        read_heldout_suites(config)
+
+
+def test_check_data_predicts_what_prepare_data_makes(data_dir: Path, tmp_path: Path) -> None:
+    config = DataConfig(data_dir=data_dir, corpus_wiki_sentences=100, heldout_sentences=20, max_eval_pairs=30)
+    checked = check_data(config)
+    prepared = prepare_data.fn(config, tmp_path)
+    assert checked.corpus_size == prepared.corpus_size > 100  # + STS-B train sentences
+    assert checked.heldout_size == prepared.heldout_size == 20
+    assert checked.sts_pairs == prepared.sts_pairs
+    assert set(checked.heldout_suite_pairs) == {"sts12", "sts13", "sts14", "sts15", "sts16"}
+
+
+def test_check_data_of_a_hub_source_reads_nothing() -> None:
+    checked = check_data(DataConfig(source="hub", data_dir=None, corpus_wiki_sentences=50))
+    assert (checked.corpus_size, checked.heldout_size) == (50, 1000)
+
+
+def test_prepare_data_does_not_retry_bad_input() -> None:
+    from prefect.states import Failed
+
+    condition = prepare_data.retry_condition_fn
+    assert prepare_data.retries == 1 and inspect.isfunction(condition)  # Prefect calls plain functions only
+    assert condition(prepare_data, None, Failed(data=DataError("stsb.tsv.gz: line 3: bad"))) is False
+    assert condition(prepare_data, None, Failed(data=OSError("disk hiccup"))) is True

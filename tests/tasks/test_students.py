@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +202,62 @@ def test_light_student_trains_saves_and_encodes(
     if projection == "pca":
         with np.load(saved_pca, allow_pickle=False) as arrays:
             assert arrays["components"].shape == (16, 32) and arrays["mean"].shape == (32,)
+
+
+def test_an_unchanged_student_is_reused_and_a_stopped_one_resumes(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """The student is stored by its content key; a build stopped after its checkpoints resumes from them."""
+    from sentence_transformers import SentenceTransformer
+
+    data = _small_data(data_dir, tmp_path)
+    corpus = get_or_encode(tiny_model_dir, data.corpus_file, tmp_path / "cache")
+    args = (tiny_model_dir, StudentSpec(num_layers=2), data, corpus, TrainingConfig(batch_size=32))
+    real_save = SentenceTransformer.save
+
+    def crash_on_save(self, path, *a, **k):  # stopped after training, before the student is stored
+        if ".tmp-" in str(path):
+            raise KeyboardInterrupt
+        return real_save(self, path, *a, **k)  # checkpoints are saved as usual
+
+    monkeypatch.setattr(SentenceTransformer, "save", crash_on_save)
+    with pytest.raises(KeyboardInterrupt):
+        train_layer_reduced(*args, tmp_path / "artifacts")
+    work = next((tmp_path / "artifacts" / "students").glob(".*.work"))
+    assert list((work / "checkpoints").glob("checkpoint-*")), "checkpoints kept for the next attempt"
+    assert not [p for p in (tmp_path / "artifacts" / "students").iterdir() if not p.name.startswith(".")]
+
+    monkeypatch.setattr(SentenceTransformer, "save", real_save)
+    with caplog.at_level(logging.INFO):
+        resumed = train_layer_reduced(*args, tmp_path / "artifacts")
+    assert "resuming from" in caplog.text and not resumed.reused and not work.exists()
+    assert resumed.model_dir == tmp_path / "artifacts" / "students" / resumed.key / "model"
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = train_layer_reduced(*args, tmp_path / "artifacts")
+    assert again.reused and again.model_dir == resumed.model_dir and "training student" not in caplog.text
+    assert again.best_dev_spearman == resumed.best_dev_spearman
+
+    other = train_layer_reduced(
+        tiny_model_dir,
+        StudentSpec(num_layers=2),
+        data,
+        corpus,
+        TrainingConfig(batch_size=16),
+        tmp_path / "artifacts",
+    )
+    assert other.key != again.key and not other.reused  # a different setting is a different student
+
+
+def test_resume_skips_a_checkpoint_a_kill_left_half_written(tmp_path: Path) -> None:
+    from tasks.students import last_complete_checkpoint
+
+    for step, state in ((10, "{}"), (20, "{}"), (30, None), (40, '{"trunc')):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-20"]
+    assert last_complete_checkpoint(tmp_path / "none") is None

@@ -1,11 +1,15 @@
+import hashlib
 import json
+import logging
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tasks import teacher_cache
-from tasks.teacher_cache import cache_key, get_or_encode, load_embeddings
+from tasks.teacher_cache import CacheEntryError, cache_key, get_or_encode, load_embeddings
 
 
 @pytest.fixture()
@@ -34,6 +38,10 @@ def test_entry_is_sharded_npy_without_temp_leftovers(
     entry = get_or_encode(tiny_model_dir, sentences_file, tmp_path / "cache")
     meta = json.loads((entry.path / "meta.json").read_text())
     assert meta["shards"] == [f"shard-0000{i}.npy" for i in range(4)]
+    assert [info["shape"] for info in meta["shard_info"]] == [[10, 32]] * 3 + [[7, 32]]
+    for name, info in zip(meta["shards"], meta["shard_info"], strict=True):
+        data = (entry.path / name).read_bytes()
+        assert (info["bytes"], info["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [entry.key]
 
 
@@ -66,11 +74,15 @@ def test_crash_while_encoding_leaves_no_entry(monkeypatch, tiny_model_dir, sente
 def test_pickled_arrays_are_refused(tmp_path: Path) -> None:
     entry = tmp_path / "entry"
     entry.mkdir()
-    np.save(entry / "shard-00000.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    (entry / "meta.json").write_text(
-        json.dumps({"rows": 1, "dim": 1, "dtype": "object", "shards": ["shard-00000.npy"]})
-    )
+    shard = entry / "shard-00000.npy"
+    np.save(shard, np.array([[{"evil": 1}]], dtype=object), allow_pickle=True)
+    info = {"bytes": shard.stat().st_size, "sha256": hashlib.sha256(shard.read_bytes()).hexdigest()}
+    meta = {"format": teacher_cache.CACHE_FORMAT, "rows": 1, "dim": 1, "dtype": "float32"}
+    meta |= {"shards": [shard.name], "shard_info": [{**info, "shape": [1, 1], "dtype": "float32"}]}
+    (entry / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="allow_pickle"):
+        load_embeddings(entry, mmap=False)
+    with pytest.raises(CacheEntryError, match=str(entry)):
         load_embeddings(entry, mmap=False)
 
 
@@ -82,3 +94,194 @@ def test_bad_dtype_is_refused_before_encoding(tiny_model_dir, sentences_file, tm
 
 def test_key_is_order_sensitive() -> None:
     assert cache_key("t", ["a", "b"], "float32") != cache_key("t", ["b", "a"], "float32")
+
+
+# --- a broken entry is detected, logged, discarded and encoded again -------------------------------------
+
+
+def _noise(entry: Path) -> None:  # right shape and dtype, other values: only the checksum tells
+    shard = entry / "shard-00001.npy"
+    original = np.load(shard)
+    np.save(shard, np.random.default_rng(0).standard_normal(original.shape).astype(original.dtype))
+
+
+def _truncate(entry: Path) -> None:
+    shard = entry / "shard-00001.npy"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def _random_bytes(entry: Path) -> None:
+    (entry / "shard-00001.npy").write_bytes(os.urandom(1000))
+
+
+def _random_bytes_same_size(entry: Path) -> None:
+    shard = entry / "shard-00001.npy"
+    shard.write_bytes(os.urandom(shard.stat().st_size))
+
+
+def _foreign_shard(entry: Path) -> None:  # another entry's valid shard of the same shape
+    (entry / "shard-00001.npy").write_bytes((entry / "shard-00002.npy").read_bytes())
+
+
+def _missing_shard(entry: Path) -> None:
+    (entry / "shard-00001.npy").unlink()
+
+
+def _missing_meta(entry: Path) -> None:
+    (entry / "meta.json").unlink()
+
+
+def _meta_not_json(entry: Path) -> None:
+    (entry / "meta.json").write_text('{"rows": 37, "dim"')
+
+
+def _meta_not_an_object(entry: Path) -> None:
+    (entry / "meta.json").write_text("[]")
+
+
+def _meta_without_checksums(entry: Path) -> None:
+    meta = json.loads((entry / "meta.json").read_text())
+    del meta["shard_info"]
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
+def _meta_path_outside(entry: Path) -> None:
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["shards"][1] = "../../sentences.txt"
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
+def _meta_binary(entry: Path) -> None:
+    (entry / "meta.json").write_bytes(b"\xff\xfe\x00garbage")
+
+
+def _entry_is_a_file(entry: Path) -> None:
+    for path in entry.iterdir():
+        path.unlink()
+    entry.rmdir()
+    entry.write_text("not a folder")
+
+
+CORRUPTIONS = [
+    _noise,
+    _truncate,
+    _random_bytes,
+    _random_bytes_same_size,
+    _foreign_shard,
+    _missing_shard,
+    _missing_meta,
+    _meta_not_json,
+    _meta_not_an_object,
+    _meta_without_checksums,
+    _meta_path_outside,
+    _meta_binary,
+    _entry_is_a_file,
+]
+
+
+@pytest.fixture()
+def small_shards(monkeypatch) -> None:
+    monkeypatch.setattr(teacher_cache, "SHARD_ROWS", 10)  # 37 sentences: 4 shards
+
+
+@pytest.mark.usefixtures("small_shards")
+@pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__.strip("_"))
+def test_broken_entry_is_encoded_again(tiny_model_dir, sentences_file, tmp_path, caplog, corrupt) -> None:
+    cache = tmp_path / "cache"
+    first = get_or_encode(tiny_model_dir, sentences_file, cache)
+    expected = np.array(first.load(mmap=False))
+    corrupt(first.path)
+
+    with caplog.at_level(logging.WARNING, logger="tasks.teacher_cache"):
+        again = get_or_encode(tiny_model_dir, sentences_file, cache)
+
+    assert again.sentences_encoded == 37 and again.path == first.path
+    np.testing.assert_allclose(again.load(), expected, rtol=1e-6, atol=1e-6)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(first.path) in warnings[0] and "broken" in warnings[0]
+    assert [p.name for p in cache.iterdir()] == [first.key]  # nothing left aside
+    assert get_or_encode(tiny_model_dir, sentences_file, cache).sentences_encoded == 0
+
+
+@pytest.mark.usefixtures("small_shards")
+@pytest.mark.parametrize(
+    "corrupt",
+    [_truncate, _random_bytes, _random_bytes_same_size, _missing_shard, _missing_meta, _meta_not_json],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_loading_a_broken_entry_names_it(tiny_model_dir, sentences_file, tmp_path, corrupt) -> None:
+    entry = get_or_encode(tiny_model_dir, sentences_file, tmp_path / "cache")
+    corrupt(entry.path)
+    with pytest.raises(CacheEntryError, match="Delete that folder") as info:
+        entry.load(mmap=False)
+    assert info.value.entry == entry.path and str(entry.path) in str(info.value)
+
+
+@pytest.mark.usefixtures("small_shards")
+def test_verified_load_catches_noise(tiny_model_dir, sentences_file, tmp_path) -> None:
+    entry = get_or_encode(tiny_model_dir, sentences_file, tmp_path / "cache")
+    _noise(entry.path)
+    load_embeddings(entry.path)  # size, shape and dtype agree: only hashing tells
+    with pytest.raises(CacheEntryError, match="sha256"):
+        load_embeddings(entry.path, verify=True)
+
+
+def test_cache_entry_error_pickles(tmp_path) -> None:
+    import pickle
+
+    error = pickle.loads(pickle.dumps(CacheEntryError(tmp_path, "shard-00000.npy is missing")))
+    assert error.entry == tmp_path and "shard-00000.npy is missing" in str(error)
+
+
+@pytest.mark.usefixtures("small_shards")
+def test_concurrent_runs_on_a_broken_entry_both_succeed(tiny_model_dir, sentences_file, tmp_path) -> None:
+    cache = tmp_path / "cache"
+    first = get_or_encode(tiny_model_dir, sentences_file, cache)
+    expected = np.array(first.load(mmap=False))
+    _noise(first.path)
+    results: list = []
+    errors: list = []
+
+    def run() -> None:
+        try:
+            results.append(np.array(get_or_encode(tiny_model_dir, sentences_file, cache).load()))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(results) == 3
+    for array in results:
+        np.testing.assert_allclose(array, expected, rtol=1e-6, atol=1e-6)
+    assert [p.name for p in cache.iterdir()] == [first.key]
+
+
+@pytest.mark.usefixtures("small_shards")
+def test_publish_replaces_a_broken_entry_another_run_left(
+    monkeypatch, tiny_model_dir, sentences_file, tmp_path
+) -> None:
+    """The entry turns up broken between the miss and the rename: it is discarded, ours goes in."""
+    cache = tmp_path / "cache"
+    first = get_or_encode(tiny_model_dir, sentences_file, cache)
+    expected = np.array(first.load(mmap=False))
+    broken = tmp_path / "broken"
+    first.path.rename(broken)
+    _truncate(broken)
+    real_verified_hit = teacher_cache._verified_hit
+    calls = []
+
+    def miss_then_real(entry, rows, dtype):
+        calls.append(entry)
+        if len(calls) == 1:  # the lookup: a miss; then another "run" leaves a broken entry
+            broken.rename(entry)
+            return None
+        return real_verified_hit(entry, rows, dtype)
+
+    monkeypatch.setattr(teacher_cache, "_verified_hit", miss_then_real)
+    again = get_or_encode(tiny_model_dir, sentences_file, cache)
+    assert again.sentences_encoded == 37 and len(calls) == 2
+    np.testing.assert_allclose(again.load(), expected, rtol=1e-6, atol=1e-6)
+    assert [p.name for p in cache.iterdir()] == [first.key]

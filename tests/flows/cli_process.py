@@ -1,0 +1,24 @@
+"""``distill run`` in a process of its own, with a temporary Prefect server (its own PREFECT_HOME)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def start_cli(config_file: Path, prefect_home: Path, log_file: Path, **popen: object) -> subprocess.Popen:
+    """Start ``distill run --config config_file``; stdout and stderr go to ``log_file``."""
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home), "HF_HUB_OFFLINE": "1"}
+    env.pop("PREFECT_API_URL", None)  # a temporary local server, as on a fresh machine
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config_file)],
+        cwd=REPO,
+        env=env,
+        stdout=Path(log_file).open("w"),
+        stderr=subprocess.STDOUT,
+        **popen,
+    )
