@@ -62,7 +62,8 @@ def distill(
             indices), and a loss.
         corpus_wiki_sentences: Wikipedia sentences in the distillation corpus.
         epochs: Training passes over the corpus, for every student.
-        compressions: Techniques applied to the profile's compression targets; an empty list: none.
+        compressions: Run only the profile's compress steps of these techniques (``chain``: keep their
+            chained steps, e.g. ONNX int8 -> int8 vectors); an empty list: none.
         experiment: MLflow experiment the runs go to.
         tracking_uri: MLflow tracking server; empty: the worker's MLFLOW_TRACKING_URI, else a local
             SQLite store.
@@ -144,12 +145,7 @@ def distill(
             distill_static_task(source, artifacts, config.static.pca_dims).as_variant()
             for source in sources
         ]
-        compress = config.compress.model_copy(
-            update={
-                "targets": resolve_names(config.compress.targets, students),
-                "pca_targets": resolve_names(config.compress.pca_targets, students),
-            }
-        )
+        compress = config.compress.with_targets(lambda names: resolve_names(names, students))
         compressed, failed_steps = compress_variants(
             bases, compress, data, corpus_emb, artifacts, run_step=run_step_as_task
         )

@@ -6,8 +6,10 @@ one base variant, fits what needs fitting on corpus sentences (never on evaluati
 lineage of each result and stores its files content-addressed (:mod:`tasks.artifacts`: the key hashes the
 base's key, the step's settings and the corpus), so an unchanged step is not redone by a later run.
 
-Each step is its own Prefect task; :func:`compress_variants` runs them one by one and turns a failing step
-into a :class:`StepFailure` (a failed row in the table) while the other steps still finish.
+The steps come from ``compress.steps`` (:class:`tasks.config.CompressionConfig`), each with its targets and
+settings; a model step's ``then`` steps apply to its output (a chain). Each step runs as its own Prefect task
+per target, with the step's retries and time limit; :func:`compress_variants` turns a failing step into a
+:class:`StepFailure` (a failed row in the table) while the other steps still finish.
 """
 
 from __future__ import annotations
@@ -22,7 +24,17 @@ import numpy as np
 from prefect import task
 
 from tasks.artifacts import ArtifactStore, stage_key
-from tasks.config import CompressionConfig
+from tasks.config import (
+    CompressionConfig,
+    CompressStep,
+    EmbBinaryStep,
+    EmbInt8Step,
+    OnnxInt8Step,
+    OnnxStep,
+    OpenVinoInt8Step,
+    PcaStep,
+    TorchInt8Step,
+)
 from tasks.data import PreparedData, read_lines
 from tasks.onnx_export import export_onnx, pick_kernel
 from tasks.openvino_quant import quantize_openvino_int8
@@ -50,9 +62,8 @@ class StepFailure:
 
 @dataclass(frozen=True)
 class CompressInputs:
-    """What every step reads: the config, the prepared data, the teacher's corpus embeddings, the store."""
+    """What every step reads: the prepared data, the teacher's corpus embeddings, the artifact store."""
 
-    config: CompressionConfig
     data: PreparedData
     corpus_emb: CachedEmbeddings
     artifacts: Path
@@ -64,10 +75,9 @@ class CompressInputs:
         return ArtifactStore(self.artifacts)
 
 
-def fit_sample(base: Variant, inputs: CompressInputs) -> np.ndarray:
-    """Float embeddings of the first ``pca_fit_sentences`` corpus sentences by ``base`` (stored, so a
-    later step or run does not encode them again; the teacher's come from its cache)."""
-    rows = inputs.config.pca_fit_sentences
+def fit_sample(base: Variant, inputs: CompressInputs, rows: int) -> np.ndarray:
+    """Float embeddings of the first ``rows`` corpus sentences by ``base`` (stored, so a later step or run
+    does not encode them again; the teacher's come from its cache)."""
     if base.kind == "teacher":
         return np.asarray(inputs.corpus_emb.load()[:rows], dtype=np.float32)
 
@@ -91,37 +101,31 @@ def int8_ranges(embeddings: np.ndarray, path: Path) -> Path:
     return path
 
 
-def _ranges_entry(base: Variant, inputs: CompressInputs, sample: Callable[[], np.ndarray]):
-    def build(out_dir: Path, _work: Path) -> dict:
-        embeddings = sample()
-        int8_ranges(embeddings, out_dir / "int8-ranges.npy")
-        return {"calibration_sentences": len(embeddings)}
-
-    key = inputs.key("int8-ranges", base, rows=inputs.config.pca_fit_sentences)
-    return inputs.store().build("int8-ranges", key, build, f"{base.name} int8 ranges")
-
-
 # --- steps: each takes a base variant and returns the variants it made ---------------------------------
 
 
-def pca_step(base: Variant, inputs: CompressInputs) -> list[Variant]:
+def pca_step(base: Variant, step: PcaStep, inputs: CompressInputs) -> list[Variant]:
     made = []
-    for dims in inputs.config.pca_dims:
+    for dims in step.dims:
 
         def build(out_dir: Path, _work: Path, dims: int = dims) -> dict:
             start = time.perf_counter()
-            fit = fit_sample(base, inputs)
+            fit = fit_sample(base, inputs, step.fit_sentences)
             result = reduce_with_pca(base.model_dir, fit, dims, out_dir / "model")
             return {"explained_variance": result.explained_variance, "seconds": time.perf_counter() - start}
 
-        key = inputs.key("pca", base, dims=dims, rows=inputs.config.pca_fit_sentences)
+        key = inputs.key("pca", base, dims=dims, rows=step.fit_sentences)
         entry = inputs.store().build("pca", key, build, f"{base.name}-pca{dims}")
         made.append(
             base.derive(
                 f"{base.name}-pca{dims}",
                 "pca",
                 f"pca{dims}",
-                {"pca_dims": str(dims), "explained_variance": f"{entry.result['explained_variance']:.4f}"},
+                {
+                    "pca_dims": str(dims),
+                    "fit_sentences": str(step.fit_sentences),
+                    "explained_variance": f"{entry.result['explained_variance']:.4f}",
+                },
                 model_dir=entry.path / "model",
                 build_seconds=entry.result["seconds"],
                 key=key,
@@ -131,60 +135,61 @@ def pca_step(base: Variant, inputs: CompressInputs) -> list[Variant]:
     return made
 
 
-def embedding_step(base: Variant, inputs: CompressInputs) -> list[Variant]:
-    """int8 (per-dimension ranges calibrated on the base's corpus embeddings) and binary vectors."""
-    made = []
-    for precision in inputs.config.embedding_precisions:
-        name = f"{base.name}-emb-{'binary' if precision == 'ubinary' else precision}"
-        if precision == "int8":
-            entry = _ranges_entry(base, inputs, lambda: fit_sample(base, inputs))
-            rows = entry.result["calibration_sentences"]
-            made.append(
-                base.derive(
-                    name,
-                    "embedding-quantized",
-                    "emb-int8",
-                    {"calibration_sentences": str(rows)},
-                    precision="int8",
-                    calibration_file=entry.path / "int8-ranges.npy",
-                    key=entry.key,
-                    reused=entry.reused,
-                )
-            )
-        else:
-            made.append(
-                base.derive(
-                    name,
-                    "embedding-quantized",
-                    f"emb-{precision}",
-                    {"calibration_sentences": "0"},
-                    precision=precision,
-                )
-            )
-    return made
+def emb_int8_step(base: Variant, step: EmbInt8Step, inputs: CompressInputs) -> list[Variant]:
+    """int8 vectors, per-dimension ranges calibrated on the base's own embeddings of corpus sentences."""
+    rows = step.calibration_sentences
+
+    def build(out_dir: Path, _work: Path) -> dict:
+        start = time.perf_counter()
+        embeddings = fit_sample(base, inputs, rows)
+        int8_ranges(embeddings, out_dir / "int8-ranges.npy")
+        return {"calibration_sentences": len(embeddings), "seconds": time.perf_counter() - start}
+
+    key = inputs.key("int8-ranges", base, rows=rows)
+    entry = inputs.store().build("int8-ranges", key, build, f"{base.name} int8 ranges")
+    return [
+        base.derive(
+            f"{base.name}-emb-int8",
+            "embedding-quantized",
+            "emb-int8",
+            {"calibration_sentences": str(entry.result["calibration_sentences"])},
+            precision="int8",
+            calibration_file=entry.path / "int8-ranges.npy",
+            build_seconds=base.build_seconds + entry.result["seconds"],
+            key=key,
+            reused=entry.reused,
+        )
+    ]
 
 
-def torch_int8_step(base: Variant, inputs: CompressInputs) -> list[Variant]:
+def emb_binary_step(base: Variant, step: EmbBinaryStep, inputs: CompressInputs) -> list[Variant]:
+    """Binary vectors (1 bit per dimension): nothing to fit or store."""
+    return [
+        base.derive(
+            f"{base.name}-emb-binary", "embedding-quantized", "emb-ubinary", {"calibration_sentences": "0"},
+            precision="ubinary",
+        )
+    ]  # fmt: skip
+
+
+def torch_int8_step(base: Variant, step: TorchInt8Step, inputs: CompressInputs) -> list[Variant]:
     """PyTorch dynamic int8, applied when the model is loaded: nothing to store."""
-    config = inputs.config
+    settings = {"per_channel": str(step.per_channel), "exclude": ",".join(step.exclude)}
     return [
         base.derive(
             f"{base.name}-torch-int8",
             "quantized",
             "torch-int8",
-            {
-                "per_channel": str(config.torch_int8_per_channel),
-                "exclude": ",".join(config.torch_int8_exclude),
-            },
+            settings,
             backend="torch-int8",
-            int8_exclude=config.torch_int8_exclude,
-            int8_per_channel=config.torch_int8_per_channel,
+            int8_exclude=step.exclude,
+            int8_per_channel=step.per_channel,
         )
     ]
 
 
-def openvino_int8_step(base: Variant, inputs: CompressInputs) -> list[Variant]:
-    rows = inputs.config.openvino_calibration_sentences
+def openvino_int8_step(base: Variant, step: OpenVinoInt8Step, inputs: CompressInputs) -> list[Variant]:
+    rows = step.calibration_sentences
 
     def build(out_dir: Path, _work: Path) -> dict:
         calibration = read_lines(inputs.data.corpus_file)[:rows]
@@ -210,110 +215,87 @@ def openvino_int8_step(base: Variant, inputs: CompressInputs) -> list[Variant]:
     ]
 
 
-def onnx_step(base: Variant, inputs: CompressInputs) -> list[Variant]:
-    """ONNX fp32 export, ONNX Runtime dynamic int8 and, with ``chain``, int8 model + int8 embeddings."""
-    config = inputs.config
-    kernel = pick_kernel(config.onnx_kernel) if config.onnx_int8 else None
-
+def _onnx_export(base: Variant, inputs: CompressInputs, kernel: str | None):
     def build(out_dir: Path, _work: Path) -> dict:
         export = export_onnx(base.model_dir, out_dir / "model", kernel)
         return {
             "fp32_file": export.fp32_file,
             "int8_file": export.int8_file,
             "kernel": export.kernel,
-            "export_seconds": export.export_seconds,
-            "quantize_seconds": export.quantize_seconds,
+            "seconds": export.export_seconds + export.quantize_seconds,
         }
 
-    key = inputs.key("onnx", base, kernel=kernel)
-    entry = inputs.store().build("onnx", key, build, f"{base.name}-onnx")
-    export = entry.result
-    onnx = {"model_dir": entry.path / "model", "backend": "onnx", "reused": entry.reused}
-    made = []
-    if config.onnx:
-        made.append(
-            base.derive(
-                f"{base.name}-onnx",
-                "quantized",
-                "onnx",
-                {"model_file": export["fp32_file"]},
-                model_file=export["fp32_file"],
-                build_seconds=export["export_seconds"],
-                key=f"{key}-fp32",
-                **onnx,
-            )
+    step = "onnx-int8" if kernel else "onnx"
+    return inputs.store().build(step, inputs.key(step, base, kernel=kernel), build, f"{base.name}-{step}")
+
+
+def onnx_step(base: Variant, step: OnnxStep, inputs: CompressInputs) -> list[Variant]:
+    """ONNX fp32 export, run by ONNX Runtime."""
+    entry = _onnx_export(base, inputs, None)
+    model_file = entry.result["fp32_file"]
+    return [
+        base.derive(
+            f"{base.name}-onnx",
+            "quantized",
+            "onnx",
+            {"model_file": model_file},
+            model_dir=entry.path / "model",
+            backend="onnx",
+            model_file=model_file,
+            build_seconds=entry.result["seconds"],
+            key=entry.key,
+            reused=entry.reused,
         )
-    if not export["int8_file"]:
-        return made
-    int8_model = base.derive(
-        f"{base.name}-onnx-int8",
-        "quantized",
-        f"onnx-int8-{export['kernel']}",
-        {"model_file": export["int8_file"], "kernel": str(export["kernel"])},
-        model_file=export["int8_file"],
-        build_seconds=export["export_seconds"] + export["quantize_seconds"],
-        key=f"{key}-int8",
-        **onnx,
-    )
-    made.append(int8_model)
-    if config.chain and "int8" in config.embedding_precisions:
+    ]
 
-        def sample() -> np.ndarray:
-            sentences = read_lines(inputs.data.corpus_file)[: config.pca_fit_sentences]
-            return load_model(int8_model).encode(sentences, batch_size=64, convert_to_numpy=True)
 
-        ranges = _ranges_entry(int8_model, inputs, sample)
-        made.append(
-            int8_model.derive(
-                f"{int8_model.name}-emb-int8",
-                "embedding-quantized",
-                "emb-int8",
-                {"calibration_sentences": str(ranges.result["calibration_sentences"])},
-                precision="int8",
-                calibration_file=ranges.path / "int8-ranges.npy",
-                build_seconds=int8_model.build_seconds,
-                key=ranges.key,
-                reused=ranges.reused,
-            )
+def onnx_int8_step(base: Variant, step: OnnxInt8Step, inputs: CompressInputs) -> list[Variant]:
+    """ONNX export + ONNX Runtime dynamic int8 with the kernel this CPU runs best (or the one asked for)."""
+    entry = _onnx_export(base, inputs, pick_kernel(step.kernel))
+    result = entry.result
+    return [
+        base.derive(
+            f"{base.name}-onnx-int8",
+            "quantized",
+            f"onnx-int8-{result['kernel']}",
+            {"model_file": result["int8_file"], "kernel": str(result["kernel"])},
+            model_dir=entry.path / "model",
+            backend="onnx",
+            model_file=result["int8_file"],
+            build_seconds=result["seconds"],
+            key=entry.key,
+            reused=entry.reused,
         )
-    return made
+    ]
 
 
-Step = Callable[[Variant, CompressInputs], list[Variant]]
-STEPS: dict[str, Step] = {
+STEPS: dict[str, Callable[..., list[Variant]]] = {
     "pca": pca_step,
-    "embeddings": embedding_step,
+    "emb-int8": emb_int8_step,
+    "emb-binary": emb_binary_step,
     "torch-int8": torch_int8_step,
     "openvino-int8": openvino_int8_step,
     "onnx": onnx_step,
+    "onnx-int8": onnx_int8_step,
 }
-# One Prefect task per step, so the UI shows each with its own state and duration.
+# One Prefect task per technique, so the UI shows each step with its own state and duration.
 STEP_TASKS = {name: task(step, name=f"compress-{name}", log_prints=False) for name, step in STEPS.items()}
 
-
-def plan_steps(base: Variant, config: CompressionConfig) -> list[str]:
-    """The steps ``config`` asks for on ``base``, in order."""
-    steps = []
-    if base.name in config.pca_targets and config.pca_dims:
-        steps.append("pca")
-    if base.name in config.targets:
-        steps += ["embeddings"] if config.embedding_precisions else []
-        steps += ["torch-int8"] if config.torch_int8 else []
-        steps += ["openvino-int8"] if config.openvino_int8 else []
-        steps += ["onnx"] if config.onnx or config.onnx_int8 else []
-    return steps
+RunStep = Callable[[CompressStep, Variant, CompressInputs], list[Variant]]
 
 
-def run_step_in_process(name: str, base: Variant, inputs: CompressInputs) -> list[Variant]:
-    return STEPS[name](base, inputs)
+def run_step_in_process(step: CompressStep, base: Variant, inputs: CompressInputs) -> list[Variant]:
+    return STEPS[step.technique](base, step, inputs)
 
 
-def run_step_as_task(name: str, base: Variant, inputs: CompressInputs) -> list[Variant]:
-    """Run a step as its Prefect task; raises what the step raised."""
-    state = STEP_TASKS[name].with_options(task_run_name=f"compress-{name}-{base.name}")(
-        base, inputs, return_state=True
+def run_step_as_task(step: CompressStep, base: Variant, inputs: CompressInputs) -> list[Variant]:
+    """Run a step as its Prefect task, with the step's retries and time limit; raises what it raised."""
+    prefect_task = STEP_TASKS[step.technique].with_options(
+        task_run_name=f"compress-{step.technique}-{base.name}",
+        retries=step.retries,
+        timeout_seconds=step.timeout_seconds,
     )
-    return state.result()
+    return prefect_task(base, step, inputs, return_state=True).result()
 
 
 def compress_variants(
@@ -322,19 +304,33 @@ def compress_variants(
     data: PreparedData,
     corpus_emb: CachedEmbeddings,
     artifacts: Path,
-    run_step: Callable[[str, Variant, CompressInputs], list[Variant]] = run_step_in_process,
+    run_step: RunStep = run_step_in_process,
 ) -> tuple[list[Variant], list[StepFailure]]:
-    """New variants made from ``bases`` as the config asks, and the steps that failed (the rest go on)."""
-    inputs = CompressInputs(config, data, corpus_emb, Path(artifacts))
+    """New variants made from ``bases`` by the active steps (per base, in step order, each followed by its
+    chained ``then`` steps), and the steps that failed (the rest go on)."""
+    inputs = CompressInputs(data, corpus_emb, Path(artifacts))
     made: list[Variant] = []
     failures: list[StepFailure] = []
+
+    def attempt(step: CompressStep, base: Variant) -> list[Variant]:
+        try:
+            return run_step(step, base, inputs)
+        except Exception as exc:  # one step's failure is its row's, not the run's
+            log.error(
+                "compress step %s on %s failed: %s: %s", step.technique, base.name, type(exc).__name__, exc
+            )
+            failures.append(StepFailure(base.name, step.technique, f"{type(exc).__name__}: {exc}"))
+            return []
+
+    steps = config.active_steps()
     for base in bases:
-        for step in plan_steps(base, config):
-            try:
-                made += run_step(step, base, inputs)
-            except Exception as exc:  # one step's failure is its row's, not the run's
-                log.error("compress step %s on %s failed: %s: %s", step, base.name, type(exc).__name__, exc)
-                failures.append(StepFailure(base.name, step, f"{type(exc).__name__}: {exc}"))
+        for step in steps:
+            if base.name not in step.targets:
+                continue
+            for output in attempt(step, base):
+                made.append(output)
+                for chained in getattr(step, "then", ()):
+                    made += attempt(chained, output)
     log.info("compress stage made %d variants: %s", len(made), [v.name for v in made])
     if failures:
         log.warning("compress steps failed: %s", [f.name for f in failures])

@@ -8,10 +8,11 @@ validated once, at the edge, and then passed around unchanged.
 from __future__ import annotations
 
 import copy
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -217,53 +218,173 @@ class StaticStudentConfig(_Frozen):
     pca_dims: int | None = Field(default=256, ge=2)
 
 
-class CompressionConfig(_Frozen):
-    """Compressions applied after training; each result is a row of its own in the table.
+class _Step(_Frozen):
+    """What every compress step has: the variants it applies to, and its own retries and time limit.
 
     Args:
-        targets: Variants (``teacher``, a student name or ``best-student``) that get torch / ONNX /
-            OpenVINO int8, ONNX export, embedding quantization and the chain ONNX int8 -> int8
-            embeddings. The quick profile compresses the teacher, the 3-layer MSE student and the
-            2-layer MSE+CoSENT student (the fastest candidate for an int8 chain that keeps >= 97.5%).
-        pca_targets: Variants (as for ``targets``) that get the PCA sweep.
-        pca_dims: Output dimensions of the PCA sweep.
-        pca_fit_sentences: Corpus sentences the PCA (and int8 calibration) is fitted on.
-        onnx: Export each target to ONNX fp32.
-        onnx_int8: ONNX Runtime dynamic int8 quantization of each target.
-        onnx_kernel: int8 kernel variant; ``auto`` picks the best one this CPU has.
-        torch_int8: PyTorch dynamic int8 quantization of each target's Linear layers.
-        torch_int8_per_channel: Per-channel weight scales for torch int8 (better quality than per tensor).
-        torch_int8_exclude: Regexes of module names torch int8 leaves in float32 (e.g.
-            ``layer\\.\\d+\\.output\\.dense$`` for mpnet's FFN down-projection).
-        embedding_precisions: Embedding quantization of each target: int8 (calibrated ranges, cosine) and
-            ubinary (1 bit per dimension, Hamming).
-        chain: Also ONNX int8 model + int8 embeddings for each target.
-        openvino_int8: OpenVINO static int8 (NNCF post-training quantization through optimum-intel) of
-            each target, calibrated on corpus sentences.
-        openvino_calibration_sentences: Corpus sentences the OpenVINO int8 activations are calibrated on.
+        targets: Variants the step applies to: ``teacher``, a student name, or ``best-student`` (the
+            student with the best sts-dev score). Empty inside ``then`` (a chained step applies to the
+            output of the step it hangs off).
+        retries: Prefect retries of the step's task on an error (0: a failure fails its row at once).
+        timeout_seconds: Time limit of the step's task; ``None``: none.
     """
 
-    targets: tuple[str, ...] = ("teacher", "layers-3of6", "layers-2of6-cosent")
-    pca_targets: tuple[str, ...] = ("teacher",)
-    pca_dims: tuple[int, ...] = (256, 128, 64, 32)
-    pca_fit_sentences: int = Field(default=5_000, ge=10)
-    onnx: bool = True
-    onnx_int8: bool = True
-    onnx_kernel: Literal["auto", "avx2", "avx512", "avx512_vnni", "arm64"] = "auto"
-    torch_int8: bool = True
-    torch_int8_per_channel: bool = True
-    torch_int8_exclude: tuple[str, ...] = ()
-    embedding_precisions: tuple[Literal["int8", "ubinary"], ...] = ("int8", "ubinary")
-    chain: bool = True
-    openvino_int8: bool = True
-    openvino_calibration_sentences: int = Field(default=300, ge=1)
+    targets: tuple[str, ...] = ()
+    retries: int = Field(default=0, ge=0, le=5)
+    timeout_seconds: float | None = Field(default=None, gt=0)
 
-    @field_validator("pca_dims")
+
+class EmbInt8Step(_Step):
+    """int8 vectors: per-dimension ranges calibrated on the model's own embeddings of corpus sentences.
+
+    Args:
+        calibration_sentences: Corpus sentences the ranges are computed on.
+    """
+
+    technique: Literal["emb-int8"] = "emb-int8"
+    calibration_sentences: int = Field(default=5_000, ge=10)
+
+
+class EmbBinaryStep(_Step):
+    """Binary vectors: 1 bit per dimension (sign), compared by Hamming distance."""
+
+    technique: Literal["emb-binary"] = "emb-binary"
+
+
+# Steps that store vectors differently; they can follow a model step (``then``), making a chain.
+EmbeddingStep = Annotated[EmbInt8Step | EmbBinaryStep, Field(discriminator="technique")]
+
+
+class _ModelStep(_Step):
+    """A step that makes a new model; ``then`` steps quantize the new model's vectors (a chain).
+
+    Args:
+        then: Embedding steps applied to this step's output, each a row of its own.
+    """
+
+    then: tuple[EmbeddingStep, ...] = ()
+
+    @model_validator(mode="after")
+    def _chained_steps_have_no_targets(self) -> _ModelStep:
+        if any(step.targets for step in self.then):
+            raise ValueError("a step under `then` applies to the output it follows: leave its targets empty")
+        return self
+
+
+class PcaStep(_ModelStep):
+    """PCA (scikit-learn, fitted on corpus embeddings) appended to the model as a ``Dense`` layer.
+
+    Args:
+        dims: Output dimensions, one row each.
+        fit_sentences: Corpus sentences the PCA is fitted on.
+    """
+
+    technique: Literal["pca"] = "pca"
+    dims: tuple[int, ...] = (256, 128, 64, 32)
+    fit_sentences: int = Field(default=5_000, ge=10)
+
+    @field_validator("dims")
     @classmethod
     def _positive_dims(cls, dims: tuple[int, ...]) -> tuple[int, ...]:
-        if any(d < 1 for d in dims) or len(set(dims)) != len(dims):
-            raise ValueError(f"compress.pca_dims {list(dims)}: give distinct positive dimensions")
+        if not dims or any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+            raise ValueError(f"dims {list(dims)}: give distinct positive dimensions")
         return dims
+
+
+class TorchInt8Step(_ModelStep):
+    """PyTorch dynamic int8 quantization of the Linear layers, applied when the model is loaded.
+
+    Args:
+        per_channel: Per-channel weight scales (better quality than per tensor).
+        exclude: Regexes of module names left in float32 (e.g. ``layer\\.\\d+\\.output\\.dense$``,
+            mpnet's FFN down-projection).
+    """
+
+    technique: Literal["torch-int8"] = "torch-int8"
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+
+
+class OnnxStep(_ModelStep):
+    """ONNX fp32 export (ONNX Runtime backend)."""
+
+    technique: Literal["onnx"] = "onnx"
+
+
+class OnnxInt8Step(_ModelStep):
+    """ONNX export + ONNX Runtime dynamic int8 quantization.
+
+    Args:
+        kernel: int8 kernel variant; ``auto`` picks the best one this CPU has.
+    """
+
+    technique: Literal["onnx-int8"] = "onnx-int8"
+    kernel: Literal["auto", "avx2", "avx512", "avx512_vnni", "arm64"] = "auto"
+
+
+class OpenVinoInt8Step(_ModelStep):
+    """OpenVINO static int8 (NNCF post-training quantization through optimum-intel).
+
+    Args:
+        calibration_sentences: Corpus sentences the activations are calibrated on.
+    """
+
+    technique: Literal["openvino-int8"] = "openvino-int8"
+    calibration_sentences: int = Field(default=300, ge=1)
+
+
+CompressStep = Annotated[
+    PcaStep | TorchInt8Step | OnnxStep | OnnxInt8Step | OpenVinoInt8Step | EmbInt8Step | EmbBinaryStep,
+    Field(discriminator="technique"),
+]
+# The quick profile compresses the teacher, the 3-layer MSE student and the 2-layer MSE+CoSENT student (the
+# fastest candidate for an int8 chain that keeps >= 97.5%); PCA only the teacher.
+_QUICK_TARGETS = ("teacher", "layers-3of6", "layers-2of6-cosent")
+
+
+class CompressionConfig(_Frozen):
+    """Compressions applied after training, as a list of steps; each result is a row of its own.
+
+    Args:
+        steps: Each step names its ``technique`` (pca, torch-int8, onnx, onnx-int8, openvino-int8,
+            emb-int8, emb-binary), its ``targets`` and its settings; a model step's ``then`` chains
+            embedding steps onto its output (e.g. ONNX int8 model -> int8 vectors). Every step runs as its
+            own Prefect task per target: one that fails marks its rows failed and the others go on.
+        techniques: Run only the steps of these techniques (``chain``: keep the ``then`` steps); ``None``:
+            all. The Prefect form's ``compressions`` field sets it.
+    """
+
+    steps: tuple[CompressStep, ...] = (
+        PcaStep(targets=("teacher",)),
+        EmbInt8Step(targets=_QUICK_TARGETS),
+        EmbBinaryStep(targets=_QUICK_TARGETS),
+        TorchInt8Step(targets=_QUICK_TARGETS),
+        OpenVinoInt8Step(targets=_QUICK_TARGETS),
+        OnnxStep(targets=_QUICK_TARGETS),
+        OnnxInt8Step(targets=_QUICK_TARGETS, then=(EmbInt8Step(),)),
+    )
+    techniques: tuple[Technique, ...] | None = None
+
+    def active_steps(self) -> tuple[CompressStep, ...]:
+        """The steps that run: those of the chosen ``techniques`` (``then`` kept only with ``chain``)."""
+        if self.techniques is None:
+            return self.steps
+        chosen = set(self.techniques)
+        keep_chains = "chain" in chosen
+        return tuple(
+            step if keep_chains or not getattr(step, "then", ()) else step.model_copy(update={"then": ()})
+            for step in self.steps
+            if step.technique in chosen
+        )
+
+    def targets(self) -> tuple[str, ...]:
+        """Every variant name some active step applies to, in order of first mention."""
+        return tuple(dict.fromkeys(name for step in self.active_steps() for name in step.targets))
+
+    def with_targets(self, resolve: Callable[[tuple[str, ...]], tuple[str, ...]]) -> CompressionConfig:
+        """The same steps with each step's targets passed through ``resolve`` (e.g. ``best-student``)."""
+        steps = tuple(step.model_copy(update={"targets": resolve(step.targets)}) for step in self.steps)
+        return self.model_copy(update={"steps": steps})
 
 
 class TrackingConfig(_Frozen):
@@ -344,6 +465,7 @@ class DistillConfig(_Frozen):
         return _flatten(self.model_dump(mode="json"))
 
 
+_FULL_TARGETS = ["teacher", "layers-4of12"]
 # A light student that is already a good sentence model loses less of it at a fine-tuning rate.
 _LIGHT_LR = {"learning_rate": 2e-5}
 
@@ -365,15 +487,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "training": {"evaluations_per_epoch": 1},
         "static": {"sources": []},
         "compress": {
-            "targets": ["layers-2of6"],
-            "pca_targets": ["layers-2of6"],
-            "pca_dims": [128],
-            "pca_fit_sentences": 300,
-            "onnx": False,
-            "torch_int8": False,
-            "openvino_int8": False,
-            "embedding_precisions": ["int8"],
-            "chain": False,
+            "steps": [
+                {"technique": "pca", "targets": ["layers-2of6"], "dims": [128], "fit_sentences": 300},
+                {"technique": "emb-int8", "targets": ["layers-2of6"], "calibration_sentences": 300},
+                {"technique": "onnx-int8", "targets": ["layers-2of6"]},
+            ]
         },
         "benchmark": {"speed_sentences": 200, "repeats": 2, "warmup_batches": 1},
         "tracking": {"experiment": "embedding-distillation-smoke"},
@@ -393,9 +511,20 @@ PROFILES: dict[str, dict[str, Any]] = {
         ],
         "training": {"batch_size": 32, "evaluations_per_epoch": 5},
         "compress": {
-            "targets": ["teacher", "layers-4of12"],
-            "pca_dims": [512, 256, 128, 64],
-            "torch_int8_exclude": [r"layer\.\d+\.output\.dense$"],
+            "steps": [
+                {"technique": "pca", "targets": ["teacher"], "dims": [512, 256, 128, 64]},
+                {"technique": "emb-int8", "targets": _FULL_TARGETS},
+                {"technique": "emb-binary", "targets": _FULL_TARGETS},
+                # mpnet's FFN down-projection loses too much in dynamic int8: kept in float32
+                {
+                    "technique": "torch-int8",
+                    "targets": _FULL_TARGETS,
+                    "exclude": [r"layer\.\d+\.output\.dense$"],
+                },
+                {"technique": "openvino-int8", "targets": _FULL_TARGETS},
+                {"technique": "onnx", "targets": _FULL_TARGETS},
+                {"technique": "onnx-int8", "targets": _FULL_TARGETS, "then": [{"technique": "emb-int8"}]},
+            ]
         },
     },
 }
@@ -485,18 +614,17 @@ def resolve_form(
         return config
     given = overrides or {}
     keep_student_targets = bool(form["students"]) or bool(config.light_students)
-    repointed: dict[str, Any] = {}
-    for section, field, names in (
-        ("compress", "targets", config.compress.targets),
-        ("compress", "pca_targets", config.compress.pca_targets),
-        ("static", "sources", config.static.sources),
-    ):
-        if field in given.get(section, {}):
-            continue
+
+    def repoint(names: tuple[str, ...]) -> list[str]:
         students = [BEST_STUDENT] if keep_student_targets and any(n != "teacher" for n in names) else []
-        repointed.setdefault(section, {})[field] = list(dict.fromkeys(
-            [n for n in names if n == "teacher"] + students
-        ))  # fmt: skip
+        return list(dict.fromkeys([n for n in names if n == "teacher"] + students))
+
+    repointed: dict[str, Any] = {}
+    if "steps" not in given.get("compress", {}):
+        steps = config.compress.with_targets(lambda names: tuple(repoint(names))).steps
+        repointed["compress"] = {"steps": [step.model_dump(mode="json") for step in steps]}
+    if "sources" not in given.get("static", {}):
+        repointed["static"] = {"sources": repoint(config.static.sources)}
     return resolve_config(profile, merge_overrides(merged, repointed))
 
 
@@ -525,30 +653,13 @@ def form_overrides(
         unknown = sorted(set(compressions) - set(TECHNIQUES))
         if unknown:
             raise ConfigError(f"compressions: {unknown} are not techniques; choose from {list(TECHNIQUES)}")
-        out["compress"] = _techniques_to_compress(set(compressions))
+        out["compress"] = {"techniques": list(compressions)}  # the profile's steps of these techniques
     tracking = {
         k: v for k, v in (("experiment", experiment), ("tracking_uri", tracking_uri)) if v is not None
     }
     if tracking:
         out["tracking"] = tracking
     return out
-
-
-def _techniques_to_compress(chosen: set[str]) -> dict[str, Any]:
-    """Switch each technique on or off; targets and settings stay the profile's."""
-    compress: dict[str, Any] = {
-        "torch_int8": "torch-int8" in chosen,
-        "onnx": "onnx" in chosen,
-        "onnx_int8": "onnx-int8" in chosen,
-        "openvino_int8": "openvino-int8" in chosen,
-        "embedding_precisions": [
-            p for t, p in (("emb-int8", "int8"), ("emb-binary", "ubinary")) if t in chosen
-        ],
-        "chain": "chain" in chosen,
-    }
-    if "pca" not in chosen:  # chosen: the profile's PCA targets
-        compress["pca_targets"] = []
-    return compress
 
 
 def merge_overrides(*layers: Mapping[str, Any]) -> dict[str, Any]:
@@ -578,4 +689,6 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, str]:
         for key, value in node.items():
             out.update(_flatten(value, f"{prefix}{key}."))
         return out
+    if isinstance(node, list):  # JSON, not a Python repr, so it reads (and parses) the same everywhere
+        return {prefix.rstrip("."): json.dumps(node)}
     return {prefix.rstrip("."): str(node)}

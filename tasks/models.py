@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 log = logging.getLogger(__name__)
+_LOAD_LOCK = threading.RLock()
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # A distribution name as PEP 508 allows it (compared after PEP 503 normalization).
@@ -148,9 +150,12 @@ def load_sentence_transformer(
     """Load a model folder on the CPU, never running remote code unless asked to."""
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(
-        str(model_dir), device="cpu", trust_remote_code=trust_remote_code, local_files_only=True, **kwargs
-    )
+    # transformers builds a model under process-wide patches of torch (empty "meta" weights, then loaded):
+    # two threads loading at once corrupt each other ("Cannot copy out of meta tensor"). One at a time.
+    with _LOAD_LOCK:
+        model = SentenceTransformer(
+            str(model_dir), device="cpu", trust_remote_code=trust_remote_code, local_files_only=True, **kwargs
+        )
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length
     return model

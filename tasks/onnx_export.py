@@ -51,7 +51,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def pick_kernel(requested: str = "auto", flags: set[str] | None = None, machine: str | None = None) -> str:
+def pick_kernel(
+    requested: str = "auto",
+    flags: set[str] | None = None,
+    machine: str | None = None,
+    field: str = "kernel",
+) -> str:
     """The best int8 kernel variant this CPU runs, or check that the requested one runs here."""
     flags = cpu_flags() if flags is None else flags
     machine = (machine or platform.machine()).lower()
@@ -61,16 +66,15 @@ def pick_kernel(requested: str = "auto", flags: set[str] | None = None, machine:
     if requested == "auto":
         if not supported:
             raise OnnxConfigError(
-                "compress.onnx_kernel=auto: this CPU has none of avx2/avx512/avx512_vnni/arm64; "
-                "turn compress.onnx_int8 off"
+                f"{field}=auto: this CPU has none of avx2/avx512/avx512_vnni/arm64; "
+                "remove the onnx-int8 step from compress.steps"
             )
         return supported[0]
     if requested not in KERNELS:
-        raise OnnxConfigError(f"compress.onnx_kernel={requested!r}: choose auto or one of {list(KERNELS)}")
+        raise OnnxConfigError(f"{field}={requested!r}: choose auto or one of {list(KERNELS)}")
     if requested not in supported:
         raise OnnxConfigError(
-            f"compress.onnx_kernel={requested!r}: this CPU lacks it (it supports {supported or 'none'}); "
-            f"use compress.onnx_kernel=auto"
+            f"{field}={requested!r}: this CPU lacks it (it supports {supported or 'none'}); use {field}=auto"
         )
     return requested
 
@@ -82,7 +86,7 @@ def check_onnx_installed() -> None:
     except ImportError as exc:
         raise OnnxConfigError(
             f"ONNX variants need optimum[onnxruntime] ({exc}); `pip install 'optimum[onnxruntime]'` "
-            f"or turn compress.onnx and compress.onnx_int8 off"
+            f"or remove the onnx and onnx-int8 steps from compress.steps"
         ) from exc
 
 

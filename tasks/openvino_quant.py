@@ -42,8 +42,8 @@ def check_openvino_installed() -> None:
         from optimum.intel.openvino import OVQuantizer  # noqa: F401
     except ImportError as exc:
         raise OpenVinoConfigError(
-            f"compress.openvino_int8 needs optimum-intel, openvino and nncf ({exc}); reinstall the project "
-            f"(`pip install -e .`, which pins them) or set compress.openvino_int8=false"
+            f"the openvino-int8 step needs optimum-intel, openvino and nncf ({exc}); reinstall the project "
+            f"(`pip install -e .`, which pins them) or remove the openvino-int8 step from compress.steps"
         ) from exc
 
 

@@ -35,13 +35,15 @@ class PcaResult:
     seconds: float
 
 
-def check_pca_dims(dims: int, model_dim: int, fit_rows: int, field: str = "compress.pca_dims") -> None:
+def check_pca_dims(dims: int, model_dim: int, fit_rows: int, field: str = "dims") -> None:
+    """``field`` names the dimensions in messages; its sibling ``fit_sentences`` the fitting rows."""
     if not 1 <= dims <= model_dim:
         raise PcaConfigError(f"{field}: {dims} is not in 1..{model_dim} (the model's embedding dimension)")
     if dims > fit_rows:
+        sibling = field.rsplit(".", 1)[0] + ".fit_sentences" if "." in field else "fit_sentences"
         raise PcaConfigError(
             f"{field}: {dims} dimensions need at least {dims} fitting sentences, got {fit_rows}; "
-            f"raise compress.pca_fit_sentences or lower the dimensions"
+            f"raise {sibling} or lower the dimensions"
         )
 
 

@@ -14,7 +14,16 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.config import BEST_STUDENT, DistillConfig
+from tasks.config import (
+    BEST_STUDENT,
+    CompressStep,
+    DistillConfig,
+    OnnxInt8Step,
+    OnnxStep,
+    OpenVinoInt8Step,
+    PcaStep,
+    TorchInt8Step,
+)
 from tasks.data import DataCheck, check_data
 from tasks.models import resolve_model_dir
 from tasks.onnx_export import check_onnx_installed, pick_kernel
@@ -121,32 +130,44 @@ def _check_light_pca(
 def _check_compress(
     config: DistillConfig, teacher_dir: Path, students: list[str], corpus_size: int | None = None
 ) -> None:
+    """Each active step: its targets name variants, its settings fit the teacher, the corpus and this CPU."""
     compress = config.compress
     known = ["teacher", *students, *([BEST_STUDENT] if students else [])]
-    for field, names in (
-        ("compress.targets", compress.targets),
-        ("compress.pca_targets", compress.pca_targets),
-    ):
-        unknown = [n for n in names if n not in known]
+    dim = _embedding_dim(teacher_dir)
+    chosen = set(compress.techniques) if compress.techniques is not None else None
+    for index, step in enumerate(compress.steps):
+        if chosen is not None and step.technique not in chosen:
+            continue
+        field = f"compress.steps[{index}]"
+        unknown = [n for n in step.targets if n not in known]
         if unknown:
-            raise ValueError(f"{field}: {unknown} name no variant; choose from {known}")
-    if compress.pca_targets and compress.pca_dims:
-        dim = _embedding_dim(teacher_dir)
-        for dims in compress.pca_dims:
-            check_pca_dims(dims, dim, compress.pca_fit_sentences)
+            raise ValueError(
+                f"{field}.targets ({step.technique}): {unknown} name no variant; choose from {known}"
+            )
+        then = getattr(step, "then", ()) if chosen is None or "chain" in chosen else ()
+        for name, each in ((field, step), *((f"{field}.then[{i}]", s) for i, s in enumerate(then))):
+            _check_step(config, name, each, dim, corpus_size)
+
+
+def _check_step(
+    config: DistillConfig, field: str, step: CompressStep, dim: int, corpus_size: int | None
+) -> None:
+    if isinstance(step, PcaStep):
+        for dims in step.dims:
+            check_pca_dims(dims, dim, step.fit_sentences, f"{field}.dims")
             if corpus_size is not None and dims > corpus_size:  # the fit uses the first rows of the corpus
                 raise PcaConfigError(
-                    f"compress.pca_dims: {dims} dimensions need at least {dims} fitting sentences, but the "
-                    f"corpus will hold only {corpus_size} ({_corpus_source(config)}), fewer than "
-                    f"compress.pca_fit_sentences={compress.pca_fit_sentences}; raise "
-                    f"data.corpus_wiki_sentences or lower compress.pca_dims"
+                    f"{field}.dims: {dims} dimensions need at least {dims} fitting sentences, but the "
+                    f"corpus will hold only {corpus_size} ({_corpus_source(config)}); raise "
+                    f"data.corpus_wiki_sentences or lower the dimensions"
                 )
-    check_patterns(compress.torch_int8_exclude)
-    if compress.targets and (compress.onnx or compress.onnx_int8):
+    elif isinstance(step, TorchInt8Step):
+        check_patterns(step.exclude, f"{field}.exclude")
+    elif isinstance(step, OnnxStep | OnnxInt8Step):
         check_onnx_installed()
-        if compress.onnx_int8:
-            pick_kernel(compress.onnx_kernel)
-    if compress.targets and compress.openvino_int8:
+        if isinstance(step, OnnxInt8Step):
+            pick_kernel(step.kernel, field=f"{field}.kernel")
+    elif isinstance(step, OpenVinoInt8Step):
         check_openvino_installed()
 
 

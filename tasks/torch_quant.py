@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 
-def check_patterns(patterns: tuple[str, ...], field: str = "compress.torch_int8_exclude") -> None:
+def check_patterns(patterns: tuple[str, ...], field: str = "exclude") -> None:
     for pattern in patterns:
         try:
             re.compile(pattern)

@@ -88,15 +88,27 @@ def tiny_config(model_dir: Path, data_dir: Path, root: Path, light_model_dir: Pa
         "light_students": light,
         "training": {"batch_size": 32, "evaluations_per_epoch": 2},
         "static": {"sources": ["teacher", "ends"], "pca_dims": 16},
-        "compress": {
-            "targets": ["teacher", "ends"],
-            "pca_dims": [16, 8],
-            "pca_fit_sentences": 100,
-            "openvino_calibration_sentences": 20,
-        },
+        "compress": {"steps": tiny_compress_steps(["teacher", "ends"])},
         "benchmark": {"speed_sentences": 60, "batch_size": 32, "repeats": 2, "warmup_batches": 1},
         "tracking": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "test"},
     }
+
+
+def tiny_compress_steps(targets: list[str]) -> list[dict]:
+    """Every technique on ``targets`` (PCA on the first), sized for the tiny model and corpus."""
+    return [
+        {"technique": "pca", "targets": targets[:1], "dims": [16, 8], "fit_sentences": 100},
+        {"technique": "emb-int8", "targets": targets, "calibration_sentences": 100},
+        {"technique": "emb-binary", "targets": targets},
+        {"technique": "torch-int8", "targets": targets},
+        {"technique": "openvino-int8", "targets": targets, "calibration_sentences": 20},
+        {"technique": "onnx", "targets": targets},
+        {
+            "technique": "onnx-int8",
+            "targets": targets,
+            "then": [{"technique": "emb-int8", "calibration_sentences": 100}],
+        },
+    ]
 
 
 @pytest.fixture()

@@ -16,11 +16,26 @@ from flows.cli import main
         ("students=[{num_layers: 5}]", "exceeds the teacher's 4 layers"),
         ("data.data_dir=/nonexistent", "is not a folder"),
         ("training.batch_size=0", "batch_size"),
-        ("compress.targets=[teacher, nope]", "compress.targets: ['nope'] name no variant"),
-        ("compress.pca_dims=[64]", "compress.pca_dims: 64 is not in 1..32"),
-        ("compress.pca_fit_sentences=12", "need at least 16 fitting sentences"),
-        ("compress.onnx_kernel=avx512_vnni", "compress.onnx_kernel='avx512_vnni': this CPU lacks it"),
-        ("compress.torch_int8_exclude=['(']", "is not a regular expression"),
+        (
+            "compress.steps=[{technique: onnx, targets: [teacher, nope]}]",
+            "compress.steps[0].targets (onnx): ['nope'] name no variant",
+        ),
+        (
+            "compress.steps=[{technique: pca, targets: [teacher], dims: [64]}]",
+            "compress.steps[0].dims: 64 is not in 1..32",
+        ),
+        (
+            "compress.steps=[{technique: pca, targets: [teacher], dims: [16], fit_sentences: 12}]",
+            "need at least 16 fitting sentences, got 12; raise compress.steps[0].fit_sentences",
+        ),
+        (
+            "compress.steps=[{technique: onnx-int8, targets: [teacher], kernel: avx512_vnni}]",
+            "compress.steps[0].kernel='avx512_vnni': this CPU lacks it",
+        ),
+        (
+            "compress.steps=[{technique: torch-int8, targets: [teacher], exclude: ['(']}]",
+            "compress.steps[0].exclude: '(' is not a regular expression",
+        ),
         ("static.sources=[nope]", "static.sources: ['nope'] name no variant"),
         ("static.pca_dims=64", "static.pca_dims: 64 exceeds the teacher's dimension 32"),
         ("light_students=[{model: no-such-student-xyz}]", "light_students[].model='no-such-student-xyz'"),
@@ -70,7 +85,7 @@ def test_missing_openvino_fails_fast(tiny_config_dict, tmp_path: Path, capsys, m
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(tiny_config_dict))
     assert main(["run", "--config", str(config_file)]) == 2
-    assert "compress.openvino_int8 needs optimum-intel" in capsys.readouterr().err
+    assert "the openvino-int8 step needs optimum-intel" in capsys.readouterr().err
     assert not Path(tiny_config_dict["work_dir"]).exists()
 
 
@@ -102,10 +117,12 @@ def test_best_student_as_a_compression_target_needs_a_student(
 ) -> None:
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(tiny_config_dict))
-    args = ["run", "--config", str(config_file), "--set", "compress.targets=[best-student]"]
+    steps = "compress.steps=[{technique: emb-binary, targets: [best-student]}]"
+    args = ["run", "--config", str(config_file), "--set", steps]
     assert main([*args, "--set", "students=[]", "--set", "static.sources=[]"]) == 2
-    assert "compress.targets: ['best-student'] name no variant; choose from ['teacher']" in (
-        capsys.readouterr().err
+    assert (
+        "compress.steps[0].targets (emb-binary): ['best-student'] name no variant; choose from ['teacher']"
+        in (capsys.readouterr().err)
     )
 
 

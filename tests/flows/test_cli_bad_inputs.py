@@ -183,7 +183,7 @@ def light_pca_student(corpus: int) -> Setup:
     def setup(ctx: Ctx) -> list[str]:
         ctx.config["light_students"] = [{"model": str(ctx.light_dir), "name": "light", "projection": "pca"}]
         ctx.config["data"]["corpus_wiki_sentences"] = corpus
-        ctx.config["compress"]["pca_dims"] = [8]
+        ctx.config["compress"]["steps"][0]["dims"] = [8]
         return []
 
     return setup
@@ -304,7 +304,7 @@ CASES: list[tuple[str, Setup, str]] = [
     (
         "pca-dims-above-corpus-size",
         sets("data.corpus_wiki_sentences=10"),
-        "compress.pca_dims: 16 dimensions need at least 16 fitting sentences, but the corpus will hold "
+        "compress.steps[0].dims: 16 dimensions need at least 16 fitting sentences, but the corpus will hold "
         "only 10",
     ),
     (

@@ -17,15 +17,10 @@ def test_three_runs_at_once_share_one_work_dir_and_store(tmp_path: Path, tiny_mo
     config["students"] = [{"num_layers": 2}]
     config["static"] = {"sources": []}
     config["compress"] = {
-        "targets": ["teacher"],
-        "pca_targets": ["teacher"],
-        "pca_dims": [8],
-        "pca_fit_sentences": 100,
-        "onnx": False,
-        "onnx_int8": False,
-        "torch_int8": False,
-        "openvino_int8": False,
-        "embedding_precisions": ["int8"],
+        "steps": [
+            {"technique": "pca", "targets": ["teacher"], "dims": [8], "fit_sentences": 100},
+            {"technique": "emb-int8", "targets": ["teacher"], "calibration_sentences": 100},
+        ]
     }
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))

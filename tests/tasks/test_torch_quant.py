@@ -19,7 +19,7 @@ def test_exclusion_patterns_pick_modules(tiny_model_dir: Path, exclude: tuple, k
 
 
 def test_bad_pattern_is_refused() -> None:
-    with pytest.raises(ValueError, match="compress.torch_int8_exclude: '\\(' is not a regular expression"):
+    with pytest.raises(ValueError, match="exclude: '\\(' is not a regular expression"):
         check_patterns(("(",))
 
 
