@@ -28,6 +28,8 @@ from typing import Any
 
 from filelock import FileLock
 
+from tasks.files import file_sha256
+
 log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
@@ -46,14 +48,9 @@ def stage_key(stage: str, version: int, inputs: Mapping[str, Any]) -> str:
 
 
 def files_fingerprint(*paths: Path) -> str:
-    """sha256 over the contents of ``paths`` (in the order given)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(Path(path).name.encode() + b"\0")
-        with Path(path).open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """sha256 over the names and contents of ``paths`` (in the order given)."""
+    parts = "".join(f"{Path(path).name}\0{file_sha256(path)}\n" for path in paths)
+    return hashlib.sha256(parts.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -155,7 +152,7 @@ def seal(folder: Path, result: dict[str, Any]) -> None:
     """Write ``result.json`` and the manifest of every file in ``folder``."""
     (folder / RESULT).write_text(json.dumps(result, indent=1, sort_keys=True, default=str))
     files = {
-        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != MANIFEST
     }
@@ -175,17 +172,10 @@ def verify(folder: Path) -> dict[str, Any]:
             raise BrokenEntry(f"{rel} is missing")
         if path.stat().st_size != expected["size"]:
             raise BrokenEntry(f"{rel} has {path.stat().st_size} bytes, expected {expected['size']}")
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             raise BrokenEntry(f"{rel} does not match its checksum")
     try:
         return json.loads((folder / RESULT).read_text())
     except (OSError, ValueError) as exc:
         raise BrokenEntry(f"no readable {RESULT} ({type(exc).__name__})") from None
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -1,7 +1,8 @@
-"""Write a folder completely or not at all."""
+"""Files: write a folder completely or not at all, and hash a file."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -21,3 +22,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         tmp.rename(final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's contents, read in blocks."""
+    with Path(path).open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

@@ -20,6 +20,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tasks.files import file_sha256
+
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
@@ -180,11 +182,7 @@ def _file_sha256(path: Path) -> str:
     stat = path.stat()
     key = (str(path), stat.st_size, stat.st_mtime_ns)
     if key not in _HASH_MEMO:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        _HASH_MEMO[key] = digest.hexdigest()
+        _HASH_MEMO[key] = file_sha256(path)
     return _HASH_MEMO[key]
 
 

@@ -27,6 +27,7 @@ from prefect import task
 from tqdm.auto import tqdm
 
 from tasks.data import read_lines
+from tasks.files import file_sha256
 from tasks.models import fingerprint_model_dir, load_sentence_transformer
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,6 @@ def cache_key(teacher_fingerprint: str, sentences: list[str], dtype: str) -> str
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_meta(entry: Path) -> dict[str, Any]:
