@@ -94,11 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from tasks.preflight import check_inputs
-    from tasks.tracking_store import bound_mlflow_http_retries, check_tracking_store, tracking_uri
+    from tasks.tracking_store import check_tracking_store, tracking_uri
 
     try:
         check_inputs(config)  # seconds, before a Prefect server starts; the flow checks again
-        bound_mlflow_http_retries()  # a tracking server that goes away costs seconds, not minutes
         check_tracking_store(tracking_uri(config))  # answers (HTTP) or is writable (SQLite, files)
     except (ValueError, OSError) as exc:  # every input error names the field or file and the fix
         return _fail(exc)

@@ -85,8 +85,9 @@ def log_child_run(
     tags: dict[str, str] | None = None,
     artifacts_dir: Path | None = None,
     artifact_path: str = "model",
+    status: str = "FINISHED",
 ) -> str:
-    """One finished child run under ``parent_run_id``; returns its id.
+    """One child run under ``parent_run_id``, ended with ``status``; returns its id.
 
     Goes through :class:`MlflowClient` (no thread-local active run); each call is retried on transient
     errors, so a hiccup neither fails the flow nor leaves a duplicate child run.
@@ -119,7 +120,7 @@ def log_child_run(
         with contextlib.suppress(Exception):
             client.set_terminated(run_id, "FAILED")
         raise
-    with_retries(lambda: client.set_terminated(run_id, "FINISHED"), what=f"ending child run {run_name}")
+    with_retries(lambda: client.set_terminated(run_id, status), what=f"ending child run {run_name}")
     return run_id
 
 
@@ -171,8 +172,8 @@ def log_results(
             params={"variant": row["variant"], "kind": row["kind"], "parent": row["parent"]},
             metrics={},
             tags={"variant.kind": row["kind"], FAILURE_REASON_TAG: str(row["status"])[:MAX_TAG_CHARS]},
+            status="FAILED",
         )
-        with_retries(lambda run_id=run_id: client.set_terminated(run_id, "FAILED"), what="ending a run")
         child_ids[row["variant"]] = run_id
     with_retries(
         lambda: mlflow.log_table(table, artifact_file="tradeoff_table.json", run_id=parent_run_id),

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks import tracking, tracking_store
 from tasks.run_states import (
+    FAILURE_REASON_TAG,
     HOST_TAG,
     PID_STARTED_TAG,
     PID_TAG,
@@ -64,6 +65,23 @@ def test_child_run_survives_a_transient_error_without_a_duplicate(tmp_path: Path
     assert run.data.params == {"kind": "student"} and run.data.tags["variant.kind"] == "student"
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert [f.path for f in MlflowClient().list_artifacts(child_id, "model")] == ["model/weights.bin"]
+
+
+def test_a_failed_step_is_a_child_run_ended_failed_with_its_reason(tmp_path: Path) -> None:
+    experiment_id = setup_experiment(mlflow_config(tmp_path))
+    parent = MlflowClient().create_run(experiment_id, run_name="parent")
+    child_id = tracking.log_child_run(
+        experiment_id,
+        parent.info.run_id,
+        "teacher-onnx",
+        params={"kind": "failed"},
+        metrics={},
+        tags={FAILURE_REASON_TAG: "failed: RuntimeError: exporter crashed"},
+        status="FAILED",
+    )
+    run = MlflowClient().get_run(child_id)
+    assert run.info.status == "FAILED" and run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert run.data.tags[FAILURE_REASON_TAG] == "failed: RuntimeError: exporter crashed"
 
 
 def test_parent_run_carries_identity_and_closes_abandoned_runs(tmp_path: Path) -> None:
