@@ -7,29 +7,35 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import mlflow
+import torch
 from prefect import flow
 from prefect.runtime import deployment, flow_run
 from pydantic import Field
 
-from tasks.benchmark import evaluate_all, evaluate_group_task, measure_throughput_task
+from tasks.benchmark import cpu_name, evaluate_all, evaluate_group_task, measure_throughput_task
 from tasks.compress import compress_variants, run_step_as_task
 from tasks.config import (
     BEST_STUDENT,
+    DataConfig,
+    DistillConfig,
     ProfileName,
     StudentSpec,
     Technique,
     form_overrides,
     resolve_form,
 )
-from tasks.data import prepare_data
+from tasks.data import PreparedData, prepare_data
+from tasks.files import file_sha256
+from tasks.model_card import write_cards_task
 from tasks.models import fingerprint_model_dir
 from tasks.preflight import check_inputs_task
-from tasks.report import build_table, format_table, write_report
+from tasks.report import build_table, format_table, publish_summary, write_report
 from tasks.run_states import FLOW_HOOKS
+from tasks.selection import select_champion
 from tasks.static_student import distill_static_task
 from tasks.students import TrainedStudent, train_light_student, train_student
 from tasks.teacher_cache import cache_teacher_embeddings
-from tasks.tracking import log_results, parent_run
+from tasks.tracking import ChildRuns, git_commit, log_results, parent_run
 from tasks.tracking_store import setup_experiment
 from tasks.variants import Variant
 
@@ -87,6 +93,8 @@ def distill(
     }
 
     with parent_run(config, experiment_id, run_name, tags) as run_id:
+        teacher_key = fingerprint_model_dir(plan.teacher_dir, config.teacher.max_seq_length)
+        runs = ChildRuns(experiment_id, run_id, run_name, run_context(config, data, teacher_key, tags))
         cache_dir = Path(config.work_dir) / "teacher-cache"
         teacher_kwargs = dict(
             cache_dir=cache_dir,
@@ -124,26 +132,22 @@ def distill(
                 artifacts,
                 max_seq_length=config.teacher.max_seq_length,
                 trust_remote_code=config.teacher.trust_remote_code,
+                runs=runs,
             )
             for spec in config.students
         ]
         students += [
-            train_light_student(spec, data, corpus_emb, config.training, artifacts)
+            train_light_student(spec, data, corpus_emb, config.training, artifacts, runs=runs)
             for spec in config.light_students
         ]
 
         teacher = Variant(
-            "teacher",
-            "teacher",
-            plan.teacher_dir,
-            params={"model": config.teacher.model},
-            key=fingerprint_model_dir(plan.teacher_dir, config.teacher.max_seq_length),
+            "teacher", "teacher", plan.teacher_dir, params={"model": config.teacher.model}, key=teacher_key
         )
         bases = [teacher] + [s.as_variant() for s in students]
         sources = static_sources(config.static.sources, bases, students)
         bases += [
-            distill_static_task(source, artifacts, config.static.pca_dims).as_variant()
-            for source in sources
+            distill_static_task(source, artifacts, config.static.pca_dims).as_variant() for source in sources
         ]
         compress = config.compress.with_targets(lambda names: resolve_names(names, students))
         compressed, failed_steps = compress_variants(
@@ -165,18 +169,72 @@ def distill(
 
         table = build_table(variants, quality, speed, failed_steps)
         files = write_report(table, run_dir / "report", speed)
-        log_results(experiment_id, run_id, table, variants, files, config.tracking.log_models)
+        cards = write_cards_task(
+            students,
+            table,
+            run_dir / "cards",
+            teacher=config.teacher.model,
+            corpus=corpus_description(config.data),
+            cpu=speed.cpu,
+            threads=speed.threads,
+        )
+        open_runs = {s.name: s.run_id for s in students if s.run_id}
+        logged = log_results(
+            runs, table, variants, files, data, config.tracking.log_models, open_runs=open_runs, cards=cards
+        )
+        champion = select_champion(
+            table,
+            {v.name: v.key for v in variants},
+            logged.run_ids,
+            logged.model_uris,
+            config.selection,
+            config.selection.model_name or f"{config.tracking.experiment}-student",
+            runs.context,
+            run_id,
+        )
+        publish_summary(table, champion, run_url(experiment_id, run_id))
         mlflow.log_params({"benchmark.cpu": speed.cpu, "benchmark.threads_used": speed.threads})
         mlflow.log_metric("flow_seconds", time.perf_counter() - started)
 
     print(f"Trade-off table (MLflow run {run_id}, experiment {config.tracking.experiment}):")
     print(format_table(table))
+    print(champion)
     return {
         "mlflow_run_id": run_id,
         "experiment_id": experiment_id,
         "table_csv": str(files["csv"]),
         "teacher_sentences_encoded": corpus_emb.sentences_encoded + heldout_emb.sentences_encoded,
     }
+
+
+def run_context(config: DistillConfig, data: PreparedData, teacher_key: str, tags: dict[str, str]) -> dict:
+    """Params every child run carries, so that child runs of different flow runs compare and filter."""
+    return {
+        "profile": config.profile,
+        "teacher": config.teacher.model,
+        "teacher_key": teacher_key[:16],
+        "data_fingerprint": data.fingerprint[:16],
+        "dev_set": file_sha256(data.sts_file("dev"))[:16],
+        "corpus_sentences": str(data.corpus_size),
+        "cpu": cpu_name(),
+        "threads": str(config.benchmark.threads or torch.get_num_threads()),
+        "git_commit": git_commit() or "",
+        "prefect_flow_run_id": tags["prefect.flow_run_id"],
+    }
+
+
+def corpus_description(config: DataConfig) -> str:
+    wiki = f"the first {config.corpus_wiki_sentences:,} Wikipedia sentences"
+    return f"STS-B train sentences and {wiki}" if config.include_stsb_train else wiki[0].upper() + wiki[1:]
+
+
+def run_url(experiment_id: str, run_id: str) -> str | None:
+    """The run's page in the MLflow UI, when the store is a server."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("http"):
+        return None
+    # MLflow 3's UI keeps a per-browser GenAI / model-training switch; this parameter picks model training
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def resolve_names(names: tuple[str, ...], students: list[TrainedStudent]) -> tuple[str, ...]:

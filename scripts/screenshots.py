@@ -12,6 +12,7 @@ MLflow runs table of that flow run with its child runs expanded and the trade-of
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -89,7 +90,10 @@ def runs_table(page, state: StackState, flow_run_id: str) -> None:
     for column in ("Dataset", "Source", "Models", *METRICS, "kind"):  # untick 3 defaults, tick ours
         search.fill(column)
         page.wait_for_timeout(300)
-        page.get_by_text(column, exact=True).last.click()
+        # the title that is exactly the name: searching size_mb also lists the param selection.max_size_mb
+        page.locator(
+            ".du-bois-light-tree-title", has_text=re.compile(rf"^{re.escape(column)}$")
+        ).first.click()
     page.keyboard.press("Escape")
     row = page.locator("div[role='row']", has_text=parent.info.run_name)
     row.locator("button").first.click()  # the parent's expander shows its child runs

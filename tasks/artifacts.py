@@ -178,4 +178,3 @@ def verify(folder: Path) -> dict[str, Any]:
         return json.loads((folder / RESULT).read_text())
     except (OSError, ValueError) as exc:
         raise BrokenEntry(f"no readable {RESULT} ({type(exc).__name__})") from None
-

@@ -394,12 +394,43 @@ class TrackingConfig(_Frozen):
         tracking_uri: MLflow tracking URI. ``None`` uses ``MLFLOW_TRACKING_URI`` when set, else a SQLite
             store in the work directory.
         experiment: MLflow experiment name.
-        log_models: Log each student's model folder as an artifact of its child run.
+        log_models: Log each variant as a loadable MLflow model in its child run (needed to register the
+            champion). Off: metrics only, a much smaller artifact store.
     """
 
     tracking_uri: str | None = None
     experiment: str = "embedding-distillation"
     log_models: bool = True
+
+
+class SelectionConfig(_Frozen):
+    """The rule that picks the champion, and where it is registered.
+
+    The champion is the fastest variant (``speedup_vs_teacher``, measured in the run) that keeps at least
+    ``min_retention_pct`` of the teacher's STS-B **dev** Spearman (selection on dev; test is what is
+    reported), within the optional storage limits. It is registered in MLflow's model registry and gets the
+    alias ``champion`` only when it beats the current champion on the same rule (same teacher, same dev
+    set) by ``min_speedup_gain_pct``.
+
+    Args:
+        min_retention_pct: Least STS-B dev Spearman kept, in % of the teacher's.
+        max_bytes_per_vector: Largest stored vector, in bytes (e.g. 384 for 384 int8 dims); ``None``: any.
+        max_size_mb: Largest model on disk, in MB; ``None``: any.
+        allow_sts_labels: Let variants trained on STS-B train labels (CoSENT students and what is made from
+            them) compete; off by default, since they are not comparable with label-free rows on STS-B.
+        registry: Register the chosen variant in MLflow's model registry (needs ``tracking.log_models``).
+        model_name: Registered model name; ``None``: ``<tracking.experiment>-student``.
+        min_speedup_gain_pct: How much faster (speed-up ratio, in %) a new choice must be than the current
+            champion to take the alias, so that timing noise does not move it back and forth.
+    """
+
+    min_retention_pct: float = Field(98.0, gt=0, le=200)
+    max_bytes_per_vector: int | None = Field(None, gt=0)
+    max_size_mb: float | None = Field(None, gt=0)
+    allow_sts_labels: bool = False
+    registry: bool = True
+    model_name: str | None = Field(None, min_length=1, max_length=256, pattern=r"^[^/:%@]+$")
+    min_speedup_gain_pct: float = Field(5.0, ge=0)
 
 
 class DistillConfig(_Frozen):
@@ -422,6 +453,7 @@ class DistillConfig(_Frozen):
         compress: PCA, model quantization and embedding quantization.
         benchmark: Speed measurement settings.
         tracking: MLflow settings.
+        selection: The rule that picks the champion and registers it.
     """
 
     profile: ProfileName = "quick"
@@ -442,6 +474,7 @@ class DistillConfig(_Frozen):
     compress: CompressionConfig = CompressionConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     tracking: TrackingConfig = TrackingConfig()
+    selection: SelectionConfig = SelectionConfig()
 
     @model_validator(mode="before")
     @classmethod

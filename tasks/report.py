@@ -12,8 +12,9 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 from prefect import task  # noqa: E402
-from prefect.artifacts import create_table_artifact  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
 from tasks.benchmark import QualityResult, SpeedResult  # noqa: E402
 from tasks.compress import StepFailure  # noqa: E402
@@ -30,6 +31,8 @@ TABLE_COLUMNS = [
     "uses_sts_labels",
     "status",
     "reused",
+    "on_frontier",  # Pareto-optimal for speed-up vs retention (a 1.0/0.0 MLflow metric)
+    "on_storage_frontier",  # Pareto-optimal for bytes per vector vs retention
     "sts_dev_spearman",
     "sts_test_spearman",
     "sts_test_pearson",
@@ -53,6 +56,44 @@ STS_LABELS_LEGEND = (
     "STS-B and held-out STS figures are not comparable with label-free rows."
 )
 METRIC_COLUMNS = [c for c in TABLE_COLUMNS if c not in TEXT_COLUMNS]
+
+
+def pareto_mask(x: np.ndarray, y: np.ndarray, *, maximize_x: bool) -> np.ndarray:
+    """True where no other point is at least as good on both axes and strictly better on one (y is
+    maximized, x maximized or minimized); NaN points are never on the frontier and dominate nothing.
+    Identical points do not dominate each other."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if not maximize_x:
+        x = -x
+    valid = np.isfinite(x) & np.isfinite(y)
+    xv, yv = x[valid], y[valid]
+    # dominated[i]: some j has x_j >= x_i and y_j >= y_i, one of them strictly (O(n^2), n is small)
+    at_least = (xv[None, :] >= xv[:, None]) & (yv[None, :] >= yv[:, None])
+    strictly = (xv[None, :] > xv[:, None]) | (yv[None, :] > yv[:, None])
+    mask = np.zeros(len(x), dtype=bool)
+    mask[valid] = ~(at_least & strictly).any(axis=1)
+    return mask
+
+
+def add_frontiers(table: pd.DataFrame) -> pd.DataFrame:
+    """Set ``on_frontier`` (speed-up vs retention) and ``on_storage_frontier`` (bytes per vector vs
+    retention) among the ok rows; failed rows are False and take no part. Rows that saw STS-B labels and
+    label-free rows get frontiers of their own: a label-trained row's STS-B score is not comparable."""
+    table = table.copy()
+    for column in ("on_frontier", "on_storage_frontier"):
+        table[column] = False
+    labelled = table["uses_sts_labels"].astype(bool).to_numpy()
+    for group in (labelled, ~labelled):
+        rows = (table["status"] == "ok").to_numpy() & group
+        retention = table["sts_test_retention_pct"].to_numpy(dtype=float)[rows]
+        for column, x, maximize_x in (
+            ("on_frontier", "speedup_vs_teacher", True),
+            ("on_storage_frontier", "bytes_per_vector", False),
+        ):
+            mask = table[column].to_numpy(dtype=bool, copy=True)
+            mask[rows] = pareto_mask(table[x].to_numpy(dtype=float)[rows], retention, maximize_x=maximize_x)
+            table[column] = mask
+    return table
 
 
 def metric_columns(table: pd.DataFrame) -> list[str]:
@@ -116,7 +157,7 @@ def build_table(
                 "reused": False,
             }
         )
-    table = pd.DataFrame(rows)
+    table = add_frontiers(pd.DataFrame(rows))
     return table[TABLE_COLUMNS + [c for c in table.columns if c not in TABLE_COLUMNS]]
 
 
@@ -128,6 +169,9 @@ def format_table(table: pd.DataFrame) -> str:
     shown["variant"] = shown["variant"] + labelled.map({True: STS_LABELS_MARK, False: ""})
     shown["uses_sts_labels"] = labelled.map({True: "yes", False: "no"})
     shown["reused"] = table["reused"].astype(bool).map({True: "yes", False: "no"})
+    for column in ("on_frontier", "on_storage_frontier"):
+        if column in table:
+            shown[column] = table[column].astype(bool).map({True: "yes", False: ""})
     suite_columns = {c: 4 for c in table.columns if c.startswith("heldout_")}
     for column, digits in {
         **suite_columns,
@@ -147,17 +191,40 @@ def format_table(table: pd.DataFrame) -> str:
     return text + "\n\n" + STS_LABELS_LEGEND if labelled.any() else text
 
 
+def _minor_log_label(value: float, _: object) -> str:
+    """Label the 2s and 5s of a decade on a log axis, leave the other minor ticks bare."""
+    mantissa = value / 10 ** math.floor(math.log10(value)) if value > 0 else 0.0
+    return f"{value:g}" if any(math.isclose(mantissa, m) for m in (2.0, 5.0)) else ""
+
+
 def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
-    """Two panels: STS-B test Spearman vs speedup (the trade-off), and size vs retention."""
+    """Two panels, STS-B retention against speed-up and against bytes per vector (log x axes): every ok
+    variant by kind, the Pareto frontier as a staircase, and labels on frontier points only."""
     table = table[table["status"] == "ok"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, x, xlabel in (
-        (left, "speedup_vs_teacher", "speed-up vs teacher (x, same run)"),
-        (right, "size_reduction_vs_teacher", "size reduction vs teacher (x)"),
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, x, xlabel, frontier, step in (
+        # staircase of the dominated region: "pre" where y falls along x, "post" where it rises
+        (left, "speedup_vs_teacher", "speed-up vs teacher (x, same run, log)", "on_frontier", "pre"),
+        (right, "bytes_per_vector", "bytes per stored vector (log)", "on_storage_frontier", "post"),
     ):
-        for kind, group in table.groupby("kind", sort=False):
-            ax.scatter(group[x], group["sts_test_retention_pct"], s=60, label=kind)
-        for _, row in table.iterrows():
+        shown = table[table[x] > 0]  # a log axis: no zero or NaN
+        for kind, group in shown.groupby("kind", sort=False):
+            ax.scatter(group[x], group["sts_test_retention_pct"], s=40, alpha=0.8, label=kind)
+        front = shown[shown[frontier].astype(bool)].sort_values(x)
+        if len(front):
+            ax.step(
+                front[x],
+                front["sts_test_retention_pct"],
+                where=step,
+                color="black",
+                lw=1,
+                alpha=0.6,
+                marker="o",
+                markersize=11,
+                markerfacecolor="none",
+                label="Pareto frontier",
+            )
+        for _, row in front.iterrows():
             ax.annotate(
                 row["variant"],
                 (row[x], row["sts_test_retention_pct"]),
@@ -165,9 +232,14 @@ def plot_tradeoff(table: pd.DataFrame, path: Path) -> Path:
                 xytext=(4, 4),
                 textcoords="offset points",
             )
+        if len(shown):
+            ax.set_xscale("log")
+            # plain numbers (1, 2, 5, 10, 20, ...) rather than 2x10^0
+            ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(ticker.FuncFormatter(_minor_log_label))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("STS-B test Spearman retained (%)")
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
     left.legend(loc="lower left", fontsize=8)
     fig.suptitle("What each shortcut costs: STS-B retention against speed and size")
     fig.tight_layout()
@@ -222,3 +294,49 @@ def write_report(table: pd.DataFrame, out_dir: Path, speed: SpeedResult) -> dict
         + (" " + STS_LABELS_LEGEND if table["uses_sts_labels"].any() else ""),
     )
     return files
+
+
+def summary_markdown(table: pd.DataFrame, selection_md: str, mlflow_run_url: str | None) -> str:
+    """A short Markdown summary: heading, the caller's champion paragraph, a link to the MLflow run and
+    the frontier rows (either frontier), fastest first."""
+    lines = ["# Distillation summary", "", selection_md.strip(), ""]
+    if mlflow_run_url:
+        lines += [f"[MLflow run]({mlflow_run_url})", ""]
+    speed, storage = table["on_frontier"].astype(bool), table["on_storage_frontier"].astype(bool)
+    front = table[speed | storage].sort_values("speedup_vs_teacher", ascending=False, kind="stable")
+    if front.empty:
+        return "\n".join([*lines, "No variant is on a frontier."]) + "\n"
+
+    def fmt(value: object, digits: int) -> str:
+        return "" if pd.isna(value) else f"{float(value):.{digits}f}"
+
+    labelled = front["uses_sts_labels"].astype(bool)
+    rows = pd.DataFrame(
+        {
+            "variant": front["variant"] + labelled.map({True: STS_LABELS_MARK, False: ""}),
+            "retention %": front["sts_test_retention_pct"].map(lambda v: fmt(v, 1)),
+            "speed-up": front["speedup_vs_teacher"].map(lambda v: fmt(v, 2)),
+            "bytes/vector": front["bytes_per_vector"].map(lambda v: fmt(v, 0)),
+            "size MB": front["size_mb"].map(lambda v: fmt(v, 1)),
+            "frontier": [
+                ", ".join(name for name, on in (("speed", fast), ("storage", small)) if on)
+                for fast, small in zip(speed[front.index], storage[front.index], strict=True)
+            ],
+        }
+    )
+    lines += ["Pareto frontiers: no other variant beats these on both speed (or storage) and retention.", ""]
+    lines.append(rows.to_markdown(index=False, disable_numparse=True))
+    if labelled.any():
+        lines += ["", STS_LABELS_LEGEND]
+    return "\n".join(lines) + "\n"
+
+
+def publish_summary(table: pd.DataFrame, selection_md: str, mlflow_run_url: str | None) -> str:
+    """Publish :func:`summary_markdown` as the Prefect markdown artifact ``distillation-summary``."""
+    markdown = summary_markdown(table, selection_md, mlflow_run_url)
+    create_markdown_artifact(
+        key="distillation-summary",
+        markdown=markdown,
+        description="Champion and Pareto-frontier variants of the speed / STS trade-off.",
+    )
+    return markdown

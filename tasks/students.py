@@ -37,6 +37,8 @@ from tasks.data import PreparedData, read_lines, read_sts
 from tasks.models import fingerprint_model_dir, load_sentence_transformer, resolve_model_dir
 from tasks.pca import fit_pca
 from tasks.teacher_cache import CachedEmbeddings
+from tasks.tracking import ChildRuns
+from tasks.training_curves import HISTORY_FILE, MlflowCurves, log_history, read_history
 from tasks.variants import Variant
 
 if TYPE_CHECKING:
@@ -64,6 +66,8 @@ class TrainedStudent:
     params: dict[str, str] = field(default_factory=dict)  # layers kept, or base model and projection
     key: str = ""  # content key of the stored student (tasks.artifacts)
     reused: bool = False  # taken from an earlier run instead of trained
+    history_file: Path | None = None  # the Trainer's log history (training_log.json), when stored
+    run_id: str | None = None  # its MLflow child run, opened before training (curves logged there)
 
     def as_variant(self) -> Variant:
         return Variant(
@@ -79,8 +83,11 @@ class TrainedStudent:
         )
 
     @classmethod
-    def from_entry(cls, name: str, kind: Literal["layer-reduced", "light"], entry: Entry) -> TrainedStudent:
+    def from_entry(
+        cls, name: str, kind: Literal["layer-reduced", "light"], entry: Entry, run_id: str | None = None
+    ) -> TrainedStudent:
         result = entry.result
+        history = entry.path / HISTORY_FILE
         return cls(
             name,
             kind,
@@ -92,6 +99,8 @@ class TrainedStudent:
             result["params"],
             key=entry.key,
             reused=entry.reused,
+            history_file=history if history.is_file() else None,
+            run_id=run_id,
         )
 
 
@@ -234,11 +243,14 @@ def _fit(
     training: TrainingConfig,
     out_dir: Path,
     work_dir: Path,
+    run_id: str | None = None,
 ) -> float | None:
-    """Train with the Trainer, score sts-dev during training, save the best checkpoint to ``out_dir``.
+    """Train with the Trainer, score sts-dev during training, save the best checkpoint to ``out_dir/model``
+    and the Trainer's log history to ``out_dir/training_log.json``.
 
     Checkpoints go to ``work_dir/checkpoints``; when one is there already (a killed run), training resumes
-    from the last one. Returns the best sts-dev Spearman.
+    from the last one. With ``run_id``, the curves are logged to that MLflow run as it trains. Returns the
+    best sts-dev Spearman.
     """
     from sentence_transformers.sentence_transformer import (
         SentenceTransformerTrainer,
@@ -278,14 +290,20 @@ def _fit(
         disable_tqdm=False,
     )
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=train_dataset, loss=loss, evaluator=dev_evaluator
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        loss=loss,
+        evaluator=dev_evaluator,
+        callbacks=[MlflowCurves(run_id)] if run_id else None,
     )
     last = last_complete_checkpoint(work_dir / "checkpoints")
     if last:
         log.info("student %s: resuming from %s (a run stopped while training it)", name, last)
     log.info("training student %s on %d rows (%d steps per epoch)", name, rows, steps_per_epoch)
     trainer.train(resume_from_checkpoint=last)
-    model.save(str(out_dir))
+    model.save(str(out_dir / "model"))
+    (out_dir / HISTORY_FILE).write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
     return trainer.state.best_metric
 
 
@@ -357,8 +375,12 @@ def train_layer_reduced(
     *,
     max_seq_length: int | None = None,
     trust_remote_code: bool = False,
+    runs: ChildRuns | None = None,
 ) -> TrainedStudent:
-    """The teacher with layers removed, trained against its cached embeddings (or reused from the store)."""
+    """The teacher with layers removed, trained against its cached embeddings (or reused from the store).
+
+    With ``runs``, the student's MLflow child run is opened first and gets its training curves.
+    """
     teacher_layers = count_teacher_layers(teacher_dir)
     layers = plan_layers(teacher_layers, spec)
     name = student_name(spec, layers, teacher_layers)
@@ -370,6 +392,7 @@ def train_layer_reduced(
         **training_inputs(data, corpus_embeddings, training),
     }
     key = stage_key(STAGE, STAGE_VERSION, inputs)
+    run_id = runs.open(name) if runs else None
 
     def build(out_dir: Path, work_dir: Path) -> dict:
         from sentence_transformers.sentence_transformer import losses
@@ -390,7 +413,7 @@ def train_layer_reduced(
             loss = losses.MSELoss(model)
         dataset = _distillation_dataset(sentences, targets)
         train_dataset, loss = _losses(model, spec.loss, data, dataset, loss)
-        best = _fit(model, name, train_dataset, loss, data, training, out_dir / "model", work_dir)
+        best = _fit(model, name, train_dataset, loss, data, training, out_dir, work_dir, run_id)
         seconds = time.perf_counter() - start
         _log_done(name, len(sentences), seconds, best)
         params = {
@@ -403,7 +426,15 @@ def train_layer_reduced(
         return _result(best, seconds, len(sentences), spec.loss, params)
 
     entry = ArtifactStore(artifacts).build(STAGE, key, build, f"student {name}")
-    return TrainedStudent.from_entry(name, "layer-reduced", entry)
+    return _stored(TrainedStudent.from_entry(name, "layer-reduced", entry, run_id))
+
+
+def _stored(student: TrainedStudent) -> TrainedStudent:
+    """A student reused from the store replays its stored curves into this run's child run."""
+    if student.reused and student.run_id and student.history_file:
+        points = log_history(student.run_id, read_history(student.history_file))
+        log.info("student %s: %d stored training-curve points logged to its MLflow run", student.name, points)
+    return student
 
 
 def _result(best: float | None, seconds: float, sentences: int, loss: str, params: dict[str, str]) -> dict:
@@ -464,8 +495,12 @@ def train_light(
     corpus_embeddings: CachedEmbeddings,
     training: TrainingConfig,
     artifacts: Path,
+    runs: ChildRuns | None = None,
 ) -> TrainedStudent:
-    """A smaller pretrained model trained against the teacher's (projected) embeddings, or reused."""
+    """A smaller pretrained model trained against the teacher's (projected) embeddings, or reused.
+
+    With ``runs``, the student's MLflow child run is opened first and gets its training curves.
+    """
     name = light_student_name(spec)
     model_dir = resolve_model_dir(spec.model, "light_students[].model")
     if spec.learning_rate is not None:
@@ -478,6 +513,7 @@ def train_light(
         **training_inputs(data, corpus_embeddings, training),
     }
     key = stage_key(STAGE, STAGE_VERSION, inputs)
+    run_id = runs.open(name) if runs else None
 
     def build(out_dir: Path, work_dir: Path) -> dict:
         from sentence_transformers.sentence_transformer import losses
@@ -493,7 +529,7 @@ def train_light(
         dataset = _distillation_dataset(sentences, targets)
         train_dataset, loss = _losses(model, spec.loss, data, dataset, loss)
         params["learning_rate"] = str(training.learning_rate)
-        best = _fit(model, name, train_dataset, loss, data, training, out_dir / "model", work_dir)
+        best = _fit(model, name, train_dataset, loss, data, training, out_dir, work_dir, run_id)
         if pca is not None:
             save_teacher_projection(pca, out_dir / "model")
         seconds = time.perf_counter() - start
@@ -502,7 +538,7 @@ def train_light(
         return _result(best, seconds, len(sentences), spec.loss, params)
 
     entry = ArtifactStore(artifacts).build(STAGE, key, build, f"light student {name}")
-    return TrainedStudent.from_entry(name, "light", entry)
+    return _stored(TrainedStudent.from_entry(name, "light", entry, run_id))
 
 
 # Prefect tasks; their logic stays callable as plain functions (``task.fn`` is the function itself).

@@ -81,7 +81,6 @@ def cache_key(teacher_fingerprint: str, sentences: list[str], dtype: str) -> str
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-
 def read_meta(entry: Path) -> dict[str, Any]:
     """The entry's ``meta.json``, checked for shape; raises :class:`CacheEntryError` naming what is wrong."""
     entry = Path(entry)

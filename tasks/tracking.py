@@ -10,16 +10,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 from prefect import task
 
 from tasks.config import DistillConfig
+from tasks.data import PreparedData
+from tasks.files import file_sha256
 from tasks.run_states import FAILURE_REASON_TAG, MAX_TAG_CHARS, close_abandoned_runs, run_identity_tags
 from tasks.tracking_store import PARENT_RUN_TAG, redact_uri, short_error, with_retries
 from tasks.variants import Variant
@@ -76,112 +81,224 @@ def parent_run(
         yield run.info.run_id
 
 
+@dataclass(frozen=True)
+class ChildRuns:
+    """Where a flow run's child runs go, and what each carries so runs of two flow runs compare.
+
+    Args:
+        experiment_id: The experiment of the parent run.
+        parent_run_id: The flow run's MLflow run; named explicitly (Prefect may run tasks in worker threads,
+            where MLflow's thread-local active run is not visible).
+        flow_run_name: Appended to each child run's name (``<variant> · <flow run>``).
+        context: Params every child run gets: profile, teacher, data fingerprint, CPU, threads, git commit,
+            Prefect flow-run id.
+    """
+
+    experiment_id: str
+    parent_run_id: str
+    flow_run_name: str = ""
+    context: dict[str, str] = field(default_factory=dict)
+
+    def run_name(self, variant: str) -> str:
+        return f"{variant} · {self.flow_run_name}" if self.flow_run_name else variant
+
+    def open(self, variant: str, tags: dict[str, str] | None = None) -> str:
+        """Create the RUNNING child run of ``variant`` now (e.g. before a student trains); returns its id."""
+        from mlflow.tracking.context import registry as context_registry
+
+        client = MlflowClient()
+        name = self.run_name(variant)
+        run_tags = context_registry.resolve_tags(
+            {**(tags or {}), PARENT_RUN_TAG: self.parent_run_id, RUN_NAME_TAG: name}
+        )
+        run = with_retries(
+            lambda: client.create_run(self.experiment_id, tags=run_tags, run_name=name),
+            what=f"creating child run {name}",
+        )
+        return run.info.run_id
+
+
 def log_child_run(
-    experiment_id: str,
-    parent_run_id: str,
-    run_name: str,
+    runs: ChildRuns,
+    variant_name: str,
     params: dict[str, str],
     metrics: dict[str, float],
     tags: dict[str, str] | None = None,
-    artifacts_dir: Path | None = None,
-    artifact_path: str = "model",
     status: str = "FINISHED",
+    run_id: str | None = None,
+    datasets: list[DatasetInput] | None = None,
+    artifacts: dict[str, Path] | None = None,
+    then: Callable[[str], None] | None = None,
 ) -> str:
-    """One child run under ``parent_run_id``, ended with ``status``; returns its id.
+    """Fill one child run (``run_id``, else a new one) and end it with ``status``; returns its id.
 
-    Goes through :class:`MlflowClient` (no thread-local active run); each call is retried on transient
-    errors, so a hiccup neither fails the flow nor leaves a duplicate child run.
+    Params are ``runs.context`` plus ``params``; ``artifacts`` maps an artifact path to a local folder;
+    ``then(run_id)`` runs last, before the run ends (e.g. logging its model); if anything raises, the run
+    ends FAILED. Goes through :class:`MlflowClient` (no thread-local active run); each call is retried on
+    transient errors, so a hiccup neither fails the flow nor leaves a duplicate child run.
     """
-    from mlflow.tracking.context import registry as context_registry
-
     client = MlflowClient()
-    run_tags = context_registry.resolve_tags(
-        {**(tags or {}), PARENT_RUN_TAG: parent_run_id, RUN_NAME_TAG: run_name}
-    )
-    run = with_retries(
-        lambda: client.create_run(experiment_id, tags=run_tags, run_name=run_name),
-        what=f"creating child run {run_name}",
-    )
-    run_id = run.info.run_id
-    try:
-        with_retries(lambda: mlflow.log_params(params, run_id=run_id), what=f"logging params of {run_name}")
+    if run_id is None:
+        run_id = runs.open(variant_name, tags)
+    elif tags:
         with_retries(
-            lambda: mlflow.log_metrics(
-                {k: float(v) for k, v in metrics.items() if v is not None}, run_id=run_id
-            ),
-            what=f"logging metrics of {run_name}",
+            lambda: [client.set_tag(run_id, k, v) for k, v in tags.items()], what=f"tagging {variant_name}"
         )
-        if artifacts_dir is not None:
+    try:
+        all_params = {**runs.context, **params}
+        with_retries(
+            lambda: mlflow.log_params(all_params, run_id=run_id), what=f"logging params of {variant_name}"
+        )
+        values = {k: float(v) for k, v in metrics.items() if v is not None}  # NaN kept: not measurable
+        with_retries(
+            lambda: mlflow.log_metrics(values, run_id=run_id), what=f"logging metrics of {variant_name}"
+        )
+        if datasets:
+            with_retries(lambda: client.log_inputs(run_id, datasets=datasets), what="logging datasets")
+        for path, folder in (artifacts or {}).items():
             with_retries(
-                lambda: client.log_artifacts(run_id, str(artifacts_dir), artifact_path),
-                what=f"logging the model of {run_name}",
+                lambda folder=folder, path=path: client.log_artifacts(run_id, str(folder), path),
+                what=f"logging {path} of {variant_name}",
             )
+        if then is not None:
+            then(run_id)
     except BaseException:
         with contextlib.suppress(Exception):
             client.set_terminated(run_id, "FAILED")
         raise
-    with_retries(lambda: client.set_terminated(run_id, status), what=f"ending child run {run_name}")
+    with_retries(lambda: client.set_terminated(run_id, status), what=f"ending child run {variant_name}")
     return run_id
+
+
+def dataset_inputs(data: PreparedData) -> dict[str, DatasetInput]:
+    """The prepared data files as MLflow datasets (name, file, sha256 digest), keyed by name.
+
+    Context tags: ``training`` (corpus, STS-B train), ``validation`` (STS-B dev, used for checkpoints
+    and the champion rule), ``evaluation`` (STS-B test, held-out sentences and suites).
+    """
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    files = {
+        "corpus": (data.corpus_file, "training"),
+        "stsb-train": (data.sts_file("train"), "training"),
+        "stsb-dev": (data.sts_file("dev"), "validation"),
+        "stsb-test": (data.sts_file("test"), "evaluation"),
+        "heldout-sentences": (data.heldout_file, "evaluation"),
+        **{f"heldout-{suite}": (data.suite_file(suite), "evaluation") for suite in data.heldout_suites},
+    }
+    inputs = {}
+    for name, (path, context) in files.items():
+        if not Path(path).is_file():  # e.g. no STS-B train file when it is not used
+            continue
+        source = resolve_dataset_source(str(Path(path).resolve()))
+        dataset = MetaDataset(source, name=name, digest=file_sha256(path)[:16])
+        inputs[name] = DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
+    return inputs
+
+
+def child_datasets(variant: Variant, inputs: dict[str, DatasetInput]) -> list[DatasetInput]:
+    """Evaluation sets for every variant; the training sets too for the students that trained on them."""
+    names = ["stsb-dev", "stsb-test"]
+    if variant.kind in ("layer-reduced", "light"):
+        names = ["corpus", "stsb-train", *names]
+    return [inputs[name] for name in names if name in inputs]
+
+
+# A child run's ``kind`` param: teacher, student (trained or distilled) or compressed (made by a compress
+# step); ``variant_kind`` keeps the table's finer kind.
+ROLES = {"teacher": "teacher", "layer-reduced": "student", "light": "student", "static": "student"}
+
+
+@dataclass(frozen=True)
+class LoggedRuns:
+    run_ids: dict[str, str]  # variant -> child run id
+    model_uris: dict[str, str]  # variant -> models:/ URI of its logged MLflow model
+
+
+def variant_params(variant: Variant, row: pd.Series) -> dict[str, str]:
+    """What a child run is: kind, parent, technique and its settings, layers, loss, dimension, precision."""
+    return {
+        "variant": variant.name,
+        "kind": ROLES.get(variant.kind, "compressed"),  # filter e.g. params.kind = 'student'
+        "variant_kind": variant.kind,
+        "parent": variant.parent or "",
+        "backend": variant.backend,
+        "precision": variant.precision,
+        "embedding_dim": str(int(row["embedding_dim"])),
+        "uses_sts_labels": str(variant.uses_sts_labels).lower(),
+        "artifact_key": variant.key,  # the content key of what it runs: equal keys, same model
+        **variant.params,
+    }
 
 
 @task(name="log-to-mlflow")
 def log_results(
-    experiment_id: str,
-    parent_run_id: str,
+    runs: ChildRuns,
     table: pd.DataFrame,
     variants: list[Variant],
     report_files: dict[str, Path],
+    data: PreparedData,
     log_models: bool = True,
-) -> dict[str, str]:
-    """A child run per variant (params, metrics, model folder) and the table + plots on the parent run."""
+    open_runs: dict[str, str] | None = None,
+    cards: dict[str, Path] | None = None,
+) -> LoggedRuns:
+    """A child run per variant (params, metrics, datasets, loadable model, card) and the table + plots on
+    the parent run.
+
+    ``open_runs``: child runs opened earlier (students, before training), filled and ended here.
+    ``cards``: model card folders, logged beside the child run's model and into the model itself.
+    """
+    from tasks.mlflow_models import log_variant_model
     from tasks.report import metric_columns
 
-    child_ids: dict[str, str] = {}
-    logged: set[Path] = set()
+    client = MlflowClient()
+    inputs = dataset_inputs(data)
+    with_retries(
+        lambda: client.log_inputs(runs.parent_run_id, datasets=list(inputs.values())),
+        what="logging the datasets",
+    )
+    run_ids: dict[str, str] = {}
+    model_uris: dict[str, str] = {}
+
+    def log_model(variant: Variant, dim: int, card: Path | None, run_id: str) -> None:
+        model_uris[variant.name] = uri = log_variant_model(variant, run_id, dim)
+        if card:  # the card travels with the model (models:/.../README.md) and sits in the run
+            model_id = uri.removeprefix("models:/")
+            with_retries(
+                lambda: client.log_model_artifacts(model_id, str(card)), what="logging the model card"
+            )
+
     rows = list(table.iterrows())
     for variant, (_, row) in zip(variants, rows[: len(variants)], strict=True):
-        params = {
-            "variant": variant.name,
-            "kind": variant.kind,
-            "parent": variant.parent or "",
-            "backend": variant.backend,
-            "precision": variant.precision,
-            "uses_sts_labels": str(variant.uses_sts_labels).lower(),
-            "artifact_key": variant.key,  # the content key of what it runs: equal keys, same model
-            **variant.params,
-        }
-        # a model folder is logged once, with the first variant that runs it
-        log_model = log_models and variant.kind != "teacher" and variant.model_dir not in logged
-        if log_model:
-            logged.add(variant.model_dir)
-        child_ids[variant.name] = log_child_run(
-            experiment_id,
-            parent_run_id,
-            run_name=variant.name,
-            params=params,
+        card = (cards or {}).get(variant.name)
+        run_ids[variant.name] = log_child_run(
+            runs,
+            variant.name,
+            params=variant_params(variant, row),
             metrics={column: row[column] for column in metric_columns(table)},
             tags={"variant.kind": variant.kind, "distill.reused": str(variant.reused).lower()},
-            artifacts_dir=variant.model_dir if log_model else None,
+            run_id=(open_runs or {}).get(variant.name),
+            datasets=child_datasets(variant, inputs),
+            artifacts={"model_card": card} if card else None,
+            then=partial(log_model, variant, int(row["embedding_dim"]), card) if log_models else None,
         )
-    client = MlflowClient()
     for _, row in rows[len(variants) :]:  # compress steps that failed: a FAILED child run each, with why
-        run_id = log_child_run(
-            experiment_id,
-            parent_run_id,
-            run_name=row["variant"],
+        run_ids[row["variant"]] = log_child_run(
+            runs,
+            row["variant"],
             params={"variant": row["variant"], "kind": row["kind"], "parent": row["parent"]},
             metrics={},
             tags={"variant.kind": row["kind"], FAILURE_REASON_TAG: str(row["status"])[:MAX_TAG_CHARS]},
             status="FAILED",
         )
-        child_ids[row["variant"]] = run_id
     with_retries(
-        lambda: mlflow.log_table(table, artifact_file="tradeoff_table.json", run_id=parent_run_id),
+        lambda: mlflow.log_table(table, artifact_file="tradeoff_table.json", run_id=runs.parent_run_id),
         what="logging the trade-off table",
     )
     for path in report_files.values():
         with_retries(
-            lambda path=path: client.log_artifact(parent_run_id, str(path), "report"),
+            lambda path=path: client.log_artifact(runs.parent_run_id, str(path), "report"),
             what=f"logging {Path(path).name}",
         )
-    return child_ids
+    return LoggedRuns(run_ids, model_uris)

@@ -382,8 +382,8 @@ def setup_experiment(config: DistillConfig) -> str:
                 "choose another tracking.experiment"
             )
         if experiment.tags.get(EXPERIMENT_KIND_TAG) is None:
-            # MLflow 3's UI opens an experiment on its model-training views (runs table, charts) only with
-            # this tag; without it, on the GenAI traces overview.
+            # Marks a model-training experiment (runs table, charts). MLflow 3.17's UI also keeps a
+            # per-browser GenAI / model-training switch: links add ?workflowType=machine_learning.
             client.set_experiment_tag(
                 experiment.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development"
             )

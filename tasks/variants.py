@@ -93,7 +93,7 @@ class Variant:
             name,
             kind,
             parent=self.name,
-            params={**(params or {}), "lineage": f"{self.lineage} > {step}"},
+            params={**(params or {}), "technique": step, "lineage": f"{self.lineage} > {step}"},
             **{**inherited, **fields},
         )
 
@@ -151,21 +151,49 @@ def size_bytes(variant: Variant, model: SentenceTransformer | None = None) -> in
     OpenVINO, the int8 state dict for torch-int8, given the loaded ``model``) plus the non-weight files."""
     root = Path(variant.model_dir)
     if variant.backend == "torch":
-        return dir_size_bytes(root, exclude=("checkpoints", "onnx", "openvino"))
-    non_weights = sum(
-        p.stat().st_size
-        for p in root.rglob("*")
-        if p.is_file()
-        and not p.name.endswith(_WEIGHT_SUFFIXES)
-        and p.relative_to(root).parts[0] != "checkpoints"
-    )
+        return dir_size_bytes(root, exclude=_NOT_TORCH_WEIGHTS)
     if variant.backend == "torch-int8":
         from tasks.torch_quant import state_dict_bytes
 
         if model is None:
             raise ValueError("the size of a torch-int8 variant needs its loaded model")
+        non_weights = sum(p.stat().st_size for p in variant_files(variant) if not _is_weight_file(p))
         return non_weights + state_dict_bytes(model)
+    return sum(p.stat().st_size for p in variant_files(variant))
+
+
+_NOT_TORCH_WEIGHTS = ("checkpoints", "onnx", "openvino")
+
+
+def _is_weight_file(path: Path) -> bool:
+    return path.name.endswith(_WEIGHT_SUFFIXES)
+
+
+def variant_files(variant: Variant) -> list[Path]:
+    """The files of ``model_dir`` this variant runs on: for torch, the folder without checkpoints and
+    exported graphs; for ONNX / OpenVINO, the non-weight files plus its graph and that graph's weights."""
+    root = Path(variant.model_dir)
+    files = [
+        p for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).parts[0] != "checkpoints"
+    ]
+    if variant.backend in ("torch", "torch-int8"):
+        return [p for p in files if p.relative_to(root).parts[0] not in _NOT_TORCH_WEIGHTS]
     graph = root / str(variant.model_file)
     companion = graph.with_suffix(_COMPANIONS.get(graph.suffix, graph.suffix))
-    weights = companion.stat().st_size if companion != graph and companion.exists() else 0
-    return non_weights + graph.stat().st_size + weights
+    needed = [p for p in files if not _is_weight_file(p)] + [graph]
+    if companion != graph and companion.exists():
+        needed.append(companion)
+    return needed
+
+
+def runtime_spec(variant: Variant) -> dict[str, object]:
+    """How to run the variant's files (the fields :func:`load_model` and :func:`encode` read), as JSON."""
+    return {
+        "name": variant.name,
+        "kind": variant.kind,
+        "backend": variant.backend,
+        "model_file": variant.model_file,
+        "precision": variant.precision,
+        "int8_exclude": list(variant.int8_exclude),
+        "int8_per_channel": variant.int8_per_channel,
+    }

@@ -114,3 +114,23 @@ def tiny_compress_steps(targets: list[str]) -> list[dict]:
 @pytest.fixture()
 def tiny_config_dict(tiny_model_dir: Path, data_dir: Path, tmp_path: Path) -> dict:
     return tiny_config(tiny_model_dir, data_dir, tmp_path)
+
+
+def tiny_prepared(model_dir: Path, data_dir: Path, root: Path):
+    """Prepared data (120 corpus sentences, small evaluation sets) and the tiny teacher's embeddings."""
+    from tasks.config import DataConfig
+    from tasks.data import prepare_data
+    from tasks.teacher_cache import get_or_encode
+
+    data = prepare_data.fn(
+        DataConfig(
+            data_dir=data_dir,
+            corpus_wiki_sentences=120,
+            include_stsb_train=False,
+            heldout_sentences=20,
+            max_eval_pairs=20,
+            heldout_suite_max_pairs=20,
+        ),
+        root,
+    )
+    return data, get_or_encode(model_dir, data.corpus_file, root / "cache")

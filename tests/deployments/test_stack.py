@@ -11,6 +11,7 @@ import urllib.error
 from datetime import UTC, datetime
 from pathlib import Path
 
+import mlflow
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
@@ -92,7 +93,7 @@ def _mlflow_runs(state: StackState, flow_run_id: str) -> list:
     return client.search_runs(experiments, f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
 
 
-def test_on_demand_smoke_run_lands_in_mlflow(stack: StackState) -> None:
+def test_on_demand_smoke_run_lands_in_mlflow(stack: StackState, monkeypatch: pytest.MonkeyPatch) -> None:
     started = time.perf_counter()
     flow_run_id = _trigger(stack, {"profile": "smoke", "corpus_wiki_sentences": 250})
     run, seen = _wait(stack, flow_run_id, timeout=900)
@@ -114,16 +115,30 @@ def test_on_demand_smoke_run_lands_in_mlflow(stack: StackState) -> None:
     client = MlflowClient(stack.mlflow_url)
     experiment = client.get_experiment(parent.info.experiment_id)
     assert experiment.name == SMOKE_EXPERIMENT
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on the runs table
+    # model training (MLflow 3.17's UI also needs ?workflowType=machine_learning once per browser)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "tradeoff_table.json")).read_text())
     variants = [row[table["columns"].index("variant")] for row in table["data"]]
     assert variants[0] == "teacher" and len(variants) >= 5
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
-    assert sorted(c.info.run_name for c in children) == sorted(variants)
-    kinds = {c.data.params["kind"] for c in children}
+    assert sorted(c.data.params["variant"] for c in children) == sorted(variants)
+    kinds = {c.data.params["variant_kind"] for c in children}
     assert {"teacher", "layer-reduced", "pca", "quantized", "embedding-quantized"} <= kinds
+    # every variant's model is served by the MLflow server and loads back (a pyfunc one here)
+    int8 = next(c for c in children if c.data.params["variant_kind"] == "embedding-quantized")
+    previous = mlflow.get_tracking_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)  # restored by monkeypatch
+    mlflow.set_tracking_uri(stack.mlflow_url)
+    try:
+        vectors = mlflow.pyfunc.load_model(f"runs:/{int8.info.run_id}/model").predict(["a sentence", "b"])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert vectors.shape[0] == 2 and str(vectors.dtype) in {"int8", "uint8"}
+    # the champion rule always ends in a stated outcome (a smoke student may well keep < 98% on dev)
+    tags = client.get_run(parent.info.run_id).data.tags
+    assert tags["distill.champion"] and "Champion rule:" in tags["distill.selection"]
 
 
 def test_nightly_has_runs_created_by_the_scheduler(running: Stack, stack: StackState) -> None:

@@ -43,7 +43,7 @@ def test_three_runs_at_once_share_one_work_dir_and_store(tmp_path: Path, tiny_mo
             filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
             output_format="list",
         )
-        assert sorted(c.info.run_name for c in children) == sorted(
+        assert sorted(c.data.params["variant"] for c in children) == sorted(
             ["teacher", "layers-2of4", "teacher-pca8", "teacher-emb-int8"]
         )
         assert {c.info.status for c in children} == {"FINISHED"}

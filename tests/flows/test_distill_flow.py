@@ -51,6 +51,7 @@ def _run_cli(config_file: Path, prefect_home: Path) -> tuple[int, str]:
 def two_runs(tmp_path_factory, tiny_model_dir, tiny_light_model_dir, data_dir):
     tmp = tmp_path_factory.mktemp("flow")
     config = tiny_config(tiny_model_dir, data_dir, tmp, tiny_light_model_dir)
+    config["selection"] = {"min_retention_pct": 1.0}  # random tiny models: any positive dev score competes
     config_file = tmp / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     results = [_run_cli(config_file, tmp / f"prefect-{i}") for i in range(2)]
@@ -82,29 +83,117 @@ def test_one_parent_run_per_flow_run_with_config_and_tags(two_runs) -> None:
         assert metrics["heldout_sts12_pairs_scored"] == 40
 
 
-def test_child_run_per_variant_with_stable_metrics(two_runs) -> None:
-    _, experiment, parents, _ = two_runs
-    children = mlflow.search_runs(
+def _children(experiment, parent) -> list:
+    return mlflow.search_runs(
         [experiment.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'",
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
         output_format="list",
     )
-    names = {c.info.run_name for c in children}
-    assert names == set(EXPECTED_VARIANTS)
+
+
+def test_child_run_per_variant_with_stable_metrics(two_runs) -> None:
+    _, experiment, parents, _ = two_runs
+    children = _children(experiment, parents[0])
+    assert {c.data.params["variant"] for c in children} == set(EXPECTED_VARIANTS)
+    parent_name = parents[0].info.run_name  # <profile>-<flow run name>
+    assert {c.info.run_name for c in children} == {f"{v} · {parent_name}" for v in EXPECTED_VARIANTS}
     for child in children:
         assert set(METRIC_COLUMNS) <= set(child.data.metrics)
         assert "heldout_sts12_spearman" in child.data.metrics
-    teacher = next(c for c in children if c.info.run_name == "teacher")
+        assert child.info.status == "FINISHED"
+    by_name = {c.data.params["variant"]: c for c in children}
+    teacher = by_name["teacher"]
     assert teacher.data.metrics["speedup_vs_teacher"] == 1.0
     assert teacher.data.metrics["sts_test_retention_pct"] == pytest.approx(100.0)
-    student = next(c for c in children if c.info.run_name == "ends")
+    student = by_name["ends"]
     assert student.data.params["layers"] == "0,3"
     assert {c.data.params["uses_sts_labels"] for c in children} == {"false"}  # no CoSENT student here
-    # "ends" keeps layers 0 and 3 as "layers-2of4" does: one stored student, logged with the first row
-    twin = next(c for c in children if c.info.run_name == "layers-2of4")
+    twin = by_name["layers-2of4"]
     assert twin.data.params["artifact_key"] == student.data.params["artifact_key"]
-    artifacts = {a.path for a in MlflowClient().list_artifacts(twin.info.run_id, "model")}
-    assert "model/modules.json" in artifacts
+
+
+def test_child_runs_of_two_flow_runs_compare(two_runs) -> None:
+    """Every child run carries its own params and the run context; filtering on kind works across runs."""
+    _, experiment, parents, _ = two_runs
+    students = mlflow.search_runs(
+        [experiment.experiment_id], filter_string="params.kind = 'student'", output_format="list"
+    )
+    assert len(students) == 2 * 5  # layers-2of4, ends, light, two static students; in each flow run
+    context = (
+        "profile",
+        "teacher",
+        "teacher_key",
+        "data_fingerprint",
+        "dev_set",
+        "cpu",
+        "threads",
+        "git_commit",
+    )
+    for run in students:
+        params = run.data.params
+        assert params["variant_kind"] in {"layer-reduced", "light", "static"}
+        assert all(params[name] for name in context if name != "git_commit")
+        assert params["prefect_flow_run_id"] in {p.data.tags["prefect.flow_run_id"] for p in parents}
+    first, second = (
+        {c.data.params["variant"]: c.data.params for c in _children(experiment, p)} for p in parents
+    )
+    for name in ("ends", "teacher-onnx-int8", "teacher-pca8"):  # same model, same params, other flow run
+        assert {k: v for k, v in first[name].items() if k != "prefect_flow_run_id"} == {
+            k: v for k, v in second[name].items() if k != "prefect_flow_run_id"
+        }
+    assert first["teacher-pca8"]["technique"] == "pca8" and first["teacher-pca8"]["pca_dims"] == "8"
+    assert first["ends"]["loss"] == "mse" and first["ends"]["kind"] == "student"
+    assert first["teacher-onnx-int8"]["kind"] == "compressed"
+    datasets = {d.dataset.name for d in MlflowClient().get_run(parents[0].info.run_id).inputs.dataset_inputs}
+    assert {"corpus", "stsb-dev", "stsb-test", "heldout-sts12"} <= datasets
+
+
+def test_every_variant_loads_back_from_mlflow(two_runs) -> None:
+    _, experiment, parents, _ = two_runs
+    sentences = ["A man is playing a guitar.", "The cat sleeps."]
+    for child in _children(experiment, parents[1]):
+        vectors = mlflow.pyfunc.load_model(f"runs:/{child.info.run_id}/model").predict(sentences)
+        assert len(vectors) == 2, child.info.run_name
+
+
+def test_students_have_curves_and_cards(two_runs) -> None:
+    """Curves logged while training (first run) and replayed from the stored history (second run)."""
+    _, experiment, parents, _ = two_runs
+    client = MlflowClient()
+    for parent in parents:
+        by_name = {c.data.params["variant"]: c for c in _children(experiment, parent)}
+        for name in ("layers-2of4", "light"):
+            run_id = by_name[name].info.run_id
+            loss = client.get_metric_history(run_id, "training/loss")
+            dev = client.get_metric_history(run_id, "training/sts_dev_spearman")
+            assert len(loss) >= 2 and len(dev) >= 2, name
+            assert sorted(m.step for m in dev) == [m.step for m in sorted(dev, key=lambda m: m.step)]
+            card = {a.path for a in client.list_artifacts(run_id, "model_card")}
+            assert {"model_card/README.md", "model_card/training_curves.png"} <= card
+            readme = Path(client.download_artifacts(run_id, "model_card/README.md")).read_text()
+            speedup = by_name[name].data.metrics["speedup_vs_teacher"]
+            assert f"{speedup:.2f}x" in readme
+
+
+def test_champion_by_rule_in_the_registry(two_runs) -> None:
+    """The first run registers a champion; the second chooses the same model and leaves the alias alone."""
+    _, _, parents, results = two_runs
+    first, second = (p.data.tags for p in parents)
+    assert first["distill.champion"] != "none", first["distill.selection"]
+    version = MlflowClient().get_model_version_by_alias("test-student", "champion")
+    assert version.tags["variant"] == first["distill.champion"] and str(version.version) == "1"
+    assert version.tags["run_id"] in {c.info.run_id for c in _children(*_experiment_and(parents[0]))}
+    assert second["distill.champion"] == first["distill.champion"]
+    assert (
+        second["distill.champion_moved"] == "false" and "already the champion" in second["distill.selection"]
+    )
+    assert "Champion rule:" in results[0][1]
+    vectors = mlflow.pyfunc.load_model("models:/test-student@champion").predict(["a sentence"])
+    assert len(vectors) == 1
+
+
+def _experiment_and(parent) -> tuple:
+    return mlflow.get_experiment(parent.info.experiment_id), parent
 
 
 def test_tradeoff_table_and_report_files_on_parent(two_runs) -> None:

@@ -5,28 +5,14 @@ import numpy as np
 import pytest
 
 from tasks.compress import compress_variants
-from tasks.config import CompressionConfig, DataConfig
-from tasks.data import prepare_data
-from tasks.teacher_cache import get_or_encode
+from tasks.config import CompressionConfig
 from tasks.variants import Variant, encode, load_model
-from tests.conftest import tiny_compress_steps
+from tests.conftest import tiny_compress_steps, tiny_prepared
 
 
 @pytest.fixture
 def prepared(tiny_model_dir: Path, data_dir: Path, tmp_path: Path):
-    data = prepare_data.fn(
-        DataConfig(
-            data_dir=data_dir,
-            corpus_wiki_sentences=120,
-            include_stsb_train=False,
-            heldout_sentences=20,
-            max_eval_pairs=20,
-            heldout_suite_max_pairs=20,
-        ),
-        tmp_path,
-    )
-    corpus = get_or_encode(tiny_model_dir, data.corpus_file, tmp_path / "cache")
-    return data, corpus
+    return tiny_prepared(tiny_model_dir, data_dir, tmp_path)
 
 
 CONFIG = CompressionConfig(steps=tiny_compress_steps(["teacher"]))

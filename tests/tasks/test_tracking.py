@@ -49,20 +49,21 @@ def test_child_run_survives_a_transient_error_without_a_duplicate(tmp_path: Path
     monkeypatch.setattr(tracking_store, "_sleep", lambda _: None)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "weights.bin").write_bytes(b"123")
+    child_runs = tracking.ChildRuns(experiment_id, parent.info.run_id, "flow-1", {"profile": "smoke"})
     child_id = tracking.log_child_run(
-        experiment_id,
-        parent.info.run_id,
+        child_runs,
         "student",
         params={"kind": "student"},
         metrics={"sts": 0.8, "missing": None},
         tags={"variant.kind": "student"},
-        artifacts_dir=tmp_path / "model",
+        artifacts={"model": tmp_path / "model"},
     )
-    runs = MlflowClient().search_runs([experiment_id], "attributes.run_name = 'student'")
+    runs = MlflowClient().search_runs([experiment_id], "attributes.run_name = 'student · flow-1'")
     assert [r.info.run_id for r in runs] == [child_id]
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.metrics == {"sts": 0.8}
-    assert run.data.params == {"kind": "student"} and run.data.tags["variant.kind"] == "student"
+    assert run.data.params == {"kind": "student", "profile": "smoke"}
+    assert run.data.tags["variant.kind"] == "student"
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert [f.path for f in MlflowClient().list_artifacts(child_id, "model")] == ["model/weights.bin"]
 
@@ -71,8 +72,7 @@ def test_a_failed_step_is_a_child_run_ended_failed_with_its_reason(tmp_path: Pat
     experiment_id = setup_experiment(mlflow_config(tmp_path))
     parent = MlflowClient().create_run(experiment_id, run_name="parent")
     child_id = tracking.log_child_run(
-        experiment_id,
-        parent.info.run_id,
+        tracking.ChildRuns(experiment_id, parent.info.run_id),
         "teacher-onnx",
         params={"kind": "failed"},
         metrics={},
