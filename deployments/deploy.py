@@ -2,8 +2,8 @@
 
     python -m deployments.deploy            # or: make deploy
 
-- ``distill-embeddings/nightly``: the ``quick`` profile on a cron schedule (02:00 UTC unless
-  ``DISTILL_NIGHTLY_CRON`` / ``DISTILL_NIGHTLY_TIMEZONE`` say otherwise);
+- ``distill-embeddings/nightly``: the ``standard`` profile (the exhaustive sweep) on a cron schedule
+  (02:00 UTC unless ``DISTILL_NIGHTLY_CRON`` / ``DISTILL_NIGHTLY_TIMEZONE`` say otherwise);
 - ``distill-embeddings/on-demand``: no schedule, for runs triggered from the Prefect UI, the CLI or the API.
 
 Both run on the ``process`` work pool ``distill-cpu`` (created if missing), whose workers start each flow
@@ -40,7 +40,7 @@ class DeploymentSettings(BaseSettings):
     work_pool: str = Field(default="distill-cpu", description="Process work pool the runs go to.")
     nightly_cron: str = Field(default="0 2 * * *", description="When the nightly run starts (cron).")
     nightly_timezone: str = Field(default="UTC", description="IANA time zone of nightly_cron.")
-    nightly_profile: ProfileName = Field(default="quick", description="Profile of the nightly run.")
+    nightly_profile: ProfileName = Field(default="standard", description="Profile of the nightly run.")
     project_dir: Path = Field(default=REPO, description="Project folder the worker runs flows in.")
 
     @field_validator("nightly_timezone")

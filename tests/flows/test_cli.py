@@ -108,7 +108,7 @@ def test_profile_in_a_config_file_selects_its_values(tmp_path: Path, capsys, dat
     assert main(["show-config", "--config", str(config_file)]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["profile"] == "smoke" and [s["num_layers"] for s in shown["students"]] == [2]
-    assert main(["show-config", "--config", str(config_file), "--profile", "quick"]) == 0
+    assert main(["show-config", "--config", str(config_file), "--profile", "standard"]) == 0
     assert len(yaml.safe_load(capsys.readouterr().out)["students"]) == 6  # the command line wins
 
 

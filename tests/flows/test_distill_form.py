@@ -15,7 +15,7 @@ def schema() -> dict:
 
 def test_profile_is_a_choice_of_the_profiles(schema) -> None:
     profile = schema["properties"]["profile"]
-    assert profile["enum"] == ["smoke", "quick", "full"] and profile["default"] == "quick"
+    assert profile["enum"] == ["smoke", "quick", "standard", "full"] and profile["default"] == "quick"
 
 
 def test_every_field_has_a_description_and_a_default(schema) -> None:

