@@ -8,7 +8,7 @@ export DISTILL_DATA_DIR ?= $(DATA_DIR)
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv install run test lint clean stack stack-stop stack-status deploy screenshots
+.PHONY: venv install run test lint clean stack stack-stop stack-status deploy screenshots bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(VENV)/.installed
 
 run: install
 	$(PY) -m flows.cli run $(ARGS)
+
+# Ratios measured side by side in one process (teacher cache vs bare encode; students vs their FLOP limit).
+bench: install
+	$(PY) scripts/bench.py $(ARGS)
 
 stack: install
 	$(PY) -m deployments.stack start $(STACK_ARGS)

@@ -176,17 +176,30 @@ def test_students_have_curves_and_cards(two_runs) -> None:
 
 
 def test_champion_by_rule_in_the_registry(two_runs) -> None:
-    """The first run registers a champion; the second chooses the same model and leaves the alias alone."""
+    """The first run registers a champion; the second leaves the alias alone unless its choice is > 5% faster.
+
+    Tiny models make near-ties (two static students), so the second run may pick the other one by timing
+    noise: then it is registered as version 2 and takes the alias only if it is faster by the margin.
+    """
     _, _, parents, results = two_runs
     first, second = (p.data.tags for p in parents)
     assert first["distill.champion"] != "none", first["distill.selection"]
-    version = MlflowClient().get_model_version_by_alias("test-student", "champion")
-    assert version.tags["variant"] == first["distill.champion"] and str(version.version) == "1"
-    assert version.tags["run_id"] in {c.info.run_id for c in _children(*_experiment_and(parents[0]))}
-    assert second["distill.champion"] == first["distill.champion"]
-    assert (
-        second["distill.champion_moved"] == "false" and "already the champion" in second["distill.selection"]
-    )
+    client = MlflowClient()
+    v1 = client.get_model_version("test-student", "1")
+    assert v1.tags["variant"] == first["distill.champion"]
+    assert v1.tags["run_id"] in {c.info.run_id for c in _children(*_experiment_and(parents[0]))}
+    holder = client.get_model_version_by_alias("test-student", "champion")
+    if second["distill.champion"] == first["distill.champion"]:
+        assert (
+            second["distill.champion_moved"] == "false"
+            and "already the champion" in second["distill.selection"]
+        )
+        assert str(holder.version) == "1"
+    else:
+        v2 = client.get_model_version("test-student", "2")
+        faster = float(v2.tags["speedup_vs_teacher"]) > 1.05 * float(v1.tags["speedup_vs_teacher"])
+        assert second["distill.champion_moved"] == str(faster).lower()
+        assert str(holder.version) == ("2" if faster else "1")
     assert "Champion rule:" in results[0][1]
     vectors = mlflow.pyfunc.load_model("models:/test-student@champion").predict(["a sentence"])
     assert len(vectors) == 1
