@@ -256,6 +256,7 @@ def select_champion(
     ``keys``: each variant's content key; ``run_ids`` / ``model_uris``: its child run and logged model.
     """
     choice = choose_champion(table, rule)
+    client = MlflowClient()
     outcome = None
     note = ""
     if choice.variant is None:
@@ -281,7 +282,6 @@ def select_champion(
         )
     text = selection_markdown(choice, outcome, note)
     log.info("champion: %s", text.replace("\n\n", " "))
-    client = MlflowClient()
     parent_tags = {
         "distill.champion": choice.variant or "none",
         "distill.selection": text[:MAX_TAG_CHARS],
