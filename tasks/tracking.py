@@ -18,7 +18,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from mlflow.entities import DatasetInput, InputTag
+from mlflow.entities import DatasetInput, InputTag, RunTag
 from mlflow.tracking import MlflowClient
 from prefect import task
 
@@ -141,9 +141,8 @@ def log_child_run(
     if run_id is None:
         run_id = runs.open(variant_name, tags)
     elif tags:
-        with_retries(
-            lambda: [client.set_tag(run_id, k, v) for k, v in tags.items()], what=f"tagging {variant_name}"
-        )
+        run_tags = [RunTag(k, v) for k, v in tags.items()]
+        with_retries(lambda: client.log_batch(run_id, tags=run_tags), what=f"tagging {variant_name}")
     try:
         all_params = {**runs.context, **params}
         with_retries(
