@@ -1,15 +1,24 @@
-"""Apply the two deployments of the distillation flow to the Prefect server that ``PREFECT_API_URL`` names.
+"""Apply the deployments to the Prefect server that ``PREFECT_API_URL`` names.
 
     python -m deployments.deploy            # or: make deploy
 
 - ``distill-embeddings/nightly``: the ``standard`` profile (the exhaustive sweep) on a cron schedule
   (02:00 UTC unless ``DISTILL_NIGHTLY_CRON`` / ``DISTILL_NIGHTLY_TIMEZONE`` say otherwise);
-- ``distill-embeddings/on-demand``: no schedule, for runs triggered from the Prefect UI, the CLI or the API.
+- ``distill-embeddings/on-demand``: no schedule, for runs triggered from the Prefect UI, the CLI or the API;
+- ``warm-teacher-cache/before-nightly``: encodes the nightly profile's corpus with the teacher an hour
+  before the nightly run (``DISTILL_CACHE_CRON``, same time zone), so the nightly run encodes nothing; Run
+  it from the UI for any profile;
+- ``benchmark-models/on-demand``: "benchmark the champion on this machine": the champion (or any model
+  references) beside the teacher, timed on the worker that picks it up.
 
-Both run on the ``process`` work pool ``distill-cpu`` (created if missing), whose workers start each flow
-run in the project folder. A flow run inherits its worker's environment: ``MLFLOW_TRACKING_URI``,
-``DISTILL_DATA_DIR`` and ``DISTILL_WORK_DIR`` belong there (``make stack`` and docker-compose set them).
-Re-running this updates the deployments in place.
+The distillation and cache deployments run on the ``process`` work pool ``distill-cpu``
+(``DISTILL_WORK_POOL``; ``DISTILL_CACHE_WORK_POOL`` moves the cache warm-up to e.g. a GPU box's pool); the
+benchmark on
+``serving-cpu`` (``DISTILL_BENCHMARK_WORK_POOL``): one pool per kind of hardware, and a worker on each
+machine that serves (``prefect worker start --pool serving-cpu``), so a run of it is timed there. Pools are
+created if missing; workers start each flow run in the project folder. A flow run inherits its worker's
+environment: ``MLFLOW_TRACKING_URI``, ``DISTILL_DATA_DIR`` and ``DISTILL_WORK_DIR`` belong there (``make
+stack`` and docker-compose set them). Re-running this updates the deployments in place.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from tasks.config import ProfileName
 REPO = Path(__file__).resolve().parents[1]
 FLOW_NAME = "distill-embeddings"
 ENTRYPOINT = "flows/distill.py:distill"
+CACHE_ENTRYPOINT = "flows/teacher_cache.py:warm_teacher_cache"
+BENCHMARK_ENTRYPOINT = "flows/benchmark.py:benchmark_models"
 log = logging.getLogger(__name__)
 
 
@@ -38,7 +49,14 @@ class DeploymentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISTILL_", frozen=True, extra="ignore")
 
     work_pool: str = Field(default="distill-cpu", description="Process work pool the runs go to.")
+    cache_work_pool: str | None = Field(
+        default=None, description="Work pool of the cache warm-up; empty: work_pool."
+    )
+    benchmark_work_pool: str = Field(
+        default="serving-cpu", description="Work pool of the benchmark: the machines models serve on."
+    )
     nightly_cron: str = Field(default="0 2 * * *", description="When the nightly run starts (cron).")
+    cache_cron: str = Field(default="0 1 * * *", description="When the cache warm-up starts (cron).")
     nightly_timezone: str = Field(default="UTC", description="IANA time zone of nightly_cron.")
     nightly_profile: ProfileName = Field(default="standard", description="Profile of the nightly run.")
     project_dir: Path = Field(default=REPO, description="Project folder the worker runs flows in.")
@@ -52,7 +70,7 @@ class DeploymentSettings(BaseSettings):
             raise ValueError(f"{zone!r} is not an IANA time zone (e.g. UTC, Europe/Berlin)") from None
         return zone
 
-    @field_validator("nightly_cron")
+    @field_validator("nightly_cron", "cache_cron")
     @classmethod
     def _valid_cron(cls, cron: str) -> str:
         from prefect.client.schemas.schedules import CronSchedule
@@ -102,14 +120,16 @@ def as_form(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def apply(settings: DeploymentSettings) -> list[str]:
-    """Create or update both deployments; returns their ids."""
+    """Create or update every deployment; returns their ids."""
     from prefect import deploy
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.flows import Flow
     from prefect.runner.storage import LocalStorage
 
-    ensure_work_pool(settings.work_pool)
-    flow = Flow.from_source(LocalStorage(str(settings.project_dir)), ENTRYPOINT)
+    def source(entrypoint: str) -> Flow:
+        return Flow.from_source(LocalStorage(str(settings.project_dir)), entrypoint)
+
+    flow = source(ENTRYPOINT)
     nightly = flow.to_deployment(
         name="nightly",
         schedules=[CronSchedule(cron=settings.nightly_cron, timezone=settings.nightly_timezone)],
@@ -123,18 +143,45 @@ def apply(settings: DeploymentSettings) -> list[str]:
         description="Pick a profile (smoke checks a stack in ~2 min) and override any field, then Run.",
         tags=["distillation", "manual"],
     )
-    for deployment in (nightly, on_demand):
+    warm_cache = source(CACHE_ENTRYPOINT).to_deployment(
+        name="before-nightly",
+        schedules=[CronSchedule(cron=settings.cache_cron, timezone=settings.nightly_timezone)],
+        parameters={"profile": settings.nightly_profile},
+        description=f"Encode the {settings.nightly_profile} profile's corpus with its teacher at "
+        f"{settings.cache_cron} ({settings.nightly_timezone}), before the nightly run, which then encodes "
+        "nothing. Run it for any profile from here.",
+        tags=["distillation", "scheduled", "teacher-cache"],
+    )
+    benchmark = source(BENCHMARK_ENTRYPOINT).to_deployment(
+        name="on-demand",
+        parameters={"models": ["champion"]},
+        description="Benchmark the champion (or any model references) beside the teacher on the machine "
+        f"whose worker serves the {settings.benchmark_work_pool} pool; results in MLflow "
+        "(tags.distill.job = 'benchmark').",
+        tags=["benchmark", "manual"],
+    )
+    cache_pool = settings.cache_work_pool or settings.work_pool
+    by_pool: dict[str, list[Any]] = {}
+    for pool, deployment in (
+        (settings.work_pool, nightly),
+        (settings.work_pool, on_demand),
+        (cache_pool, warm_cache),
+        (settings.benchmark_work_pool, benchmark),
+    ):
         form = as_form(deployment._parameter_openapi_schema.model_dump())  # no public setter in Prefect 3.8
         deployment._parameter_openapi_schema = type(deployment._parameter_openapi_schema)(**form)
-    ids = deploy(
-        nightly,
-        on_demand,
-        work_pool_name=settings.work_pool,
-        build=False,
-        push=False,
-        print_next_steps_message=False,
-        ignore_warnings=True,
-    )
+        by_pool.setdefault(pool, []).append(deployment)
+    ids = []
+    for pool, batch in by_pool.items():
+        ensure_work_pool(pool)
+        ids += deploy(
+            *batch,
+            work_pool_name=pool,
+            build=False,
+            push=False,
+            print_next_steps_message=False,
+            ignore_warnings=True,
+        )
     return [str(i) for i in ids]
 
 
@@ -164,7 +211,9 @@ def main() -> int:
         return 2
     print(
         f"applied {FLOW_NAME}/nightly ({settings.nightly_cron}, {settings.nightly_timezone}) and "
-        f"{FLOW_NAME}/on-demand on work pool {settings.work_pool} at {os.environ['PREFECT_API_URL']} "
+        f"{FLOW_NAME}/on-demand on work pool {settings.work_pool}, warm-teacher-cache/before-nightly "
+        f"({settings.cache_cron}) on {settings.cache_work_pool or settings.work_pool}, and "
+        f"benchmark-models/on-demand on {settings.benchmark_work_pool}, at {os.environ['PREFECT_API_URL']} "
         f"(ids {', '.join(ids)})"
     )
     return 0

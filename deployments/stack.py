@@ -1,14 +1,15 @@
-"""The local stack without Docker: a Prefect server, an MLflow tracking server and a process worker.
+"""The local stack without Docker: a Prefect server, an MLflow tracking server and two process workers.
 
     python -m deployments.stack start     # or: make stack
     python -m deployments.stack status
     python -m deployments.stack stop      # or: make stack-stop
 
 ``start`` runs each server on 127.0.0.1 (Prefect on 4200 and MLflow on 5000 when free, else a free port),
-applies the deployments (``deployments/deploy.py``), starts a worker on their pool and prints the two UI
-URLs. Everything lives in one folder (``.distill/stack`` by default: Prefect's database, MLflow's SQLite
-store and artifacts, logs, and ``stack.json`` with the pid of every process started). ``stop`` stops exactly
-those processes by pid (the worker first, with SIGINT, as Prefect workers ignore SIGTERM) together with the
+applies the deployments (``deployments/deploy.py``), starts a worker on the distillation pool and one on the
+benchmark pool (here both on this machine; in production the second runs where models serve) and prints
+the two UI URLs. Everything lives in one folder (``.distill/stack`` by default: Prefect's database, MLflow's
+SQLite store and artifacts, logs, and ``stack.json`` with the pid of every process started). ``stop`` stops
+exactly those processes by pid (the workers first, with SIGINT, as Prefect workers ignore SIGTERM) with the
 processes they started. Flow runs the worker executes log to this MLflow server. Pass ``--prefect-db`` /
 ``--mlflow-db`` to use PostgreSQL instead of SQLite.
 """
@@ -37,7 +38,7 @@ BIN = Path(sys.executable).parent
 STATE_FILE = "stack.json"
 RETRIES = 5  # of an API call answered 502/503/504
 # Children of the servers and flow runs of the worker (Prefect starts each in a session of its own).
-STOP_ORDER = ("worker", "mlflow", "prefect")
+STOP_ORDER = ("serving-worker", "worker", "mlflow", "prefect")
 
 
 class StackError(RuntimeError):
@@ -59,6 +60,7 @@ class StackState:
     mlflow_url: str
     work_pool: str
     services: list[Service] = field(default_factory=list)
+    benchmark_pool: str = "serving-cpu"
 
     @property
     def prefect_api_url(self) -> str:
@@ -147,13 +149,14 @@ class Stack:
         prefect_db: str | None = None,
         mlflow_db: str | None = None,
         work_pool: str = "distill-cpu",
+        benchmark_pool: str = "serving-cpu",
         worker_env: dict[str, str] | None = None,
         deploy_env: dict[str, str] | None = None,
     ) -> None:
         self.home = Path(home).resolve()
         self.prefect_port, self.mlflow_port = prefect_port, mlflow_port
         self.prefect_db, self.mlflow_db = prefect_db, mlflow_db
-        self.work_pool = work_pool
+        self.work_pool, self.benchmark_pool = work_pool, benchmark_pool
         self.worker_env = worker_env or {}
         self.deploy_env = deploy_env or {}
         self.state: StackState | None = None
@@ -175,6 +178,7 @@ class Stack:
             f"http://127.0.0.1:{prefect_port}",
             f"http://127.0.0.1:{mlflow_port}",
             self.work_pool,
+            benchmark_pool=self.benchmark_pool,
         )
         try:
             server = ["server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
@@ -186,9 +190,12 @@ class Stack:
                 f"{self.state.mlflow_url}/health", "the MLflow server", mlflow, self._log("mlflow"), timeout
             )
             self._deploy()
-            worker_command = ["worker", "start", "--pool", self.work_pool, "--type", "process"]
-            worker = self._spawn("worker", [str(BIN / "prefect"), *worker_command], self._worker_env())
-            self._wait_worker_online(worker, timeout)
+            workers = {}
+            for name, pool in (("worker", self.work_pool), ("serving-worker", self.benchmark_pool)):
+                command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"]
+                workers[name] = (self._spawn(name, command, self._worker_env()), pool)
+            for name, (worker, pool) in workers.items():
+                self._wait_worker_online(name, worker, pool, timeout)
         except BaseException:
             self.stop()
             raise
@@ -257,7 +264,12 @@ class Stack:
         }
 
     def _deploy(self) -> None:
-        env = {**self._client_env(), "DISTILL_WORK_POOL": self.work_pool, **self.deploy_env}
+        env = {
+            **self._client_env(),
+            "DISTILL_WORK_POOL": self.work_pool,
+            "DISTILL_BENCHMARK_WORK_POOL": self.benchmark_pool,
+            **self.deploy_env,
+        }
         result = subprocess.run(
             [sys.executable, "-m", "deployments.deploy"], env=env, cwd=REPO, capture_output=True, text=True
         )
@@ -265,19 +277,17 @@ class Stack:
         if result.returncode != 0:
             raise StackError(f"applying the deployments failed: {result.stderr.strip()[-2000:]}")
 
-    def _wait_worker_online(self, worker: subprocess.Popen, timeout: float) -> None:
+    def _wait_worker_online(self, name: str, worker: subprocess.Popen, pool: str, timeout: float) -> None:
         assert self.state is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if worker.poll() is not None:
-                raise StackError(
-                    f"the worker exited with code {worker.returncode}; see {self._log('worker')}"
-                )
-            workers = api(self.state.prefect_api_url, f"/work_pools/{self.work_pool}/workers/filter", {})
+                raise StackError(f"the {name} exited with code {worker.returncode}; see {self._log(name)}")
+            workers = api(self.state.prefect_api_url, f"/work_pools/{pool}/workers/filter", {})
             if any(w["status"] == "ONLINE" for w in workers):
                 return
             time.sleep(1)
-        raise StackError(f"the worker did not come online within {timeout:.0f} s; see {self._log('worker')}")
+        raise StackError(f"the {name} did not come online within {timeout:.0f} s; see {self._log(name)}")
 
     # --- stopping --------------------------------------------------------------------------------------
 
@@ -361,10 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(
         f"stack ready in {time.perf_counter() - started:.0f} s (state, logs: {state.home})\n"
-        f"  Prefect UI  {state.prefect_url}   (deployments: distill-embeddings/nightly, /on-demand)\n"
+        f"  Prefect UI  {state.prefect_url}   (deployments: distill-embeddings/nightly, /on-demand, "
+        f"warm-teacher-cache/before-nightly, benchmark-models/on-demand)\n"
         f"  MLflow UI   {state.mlflow_url}\n"
         f"Trigger a run:  PREFECT_API_URL={state.prefect_api_url} .venv/bin/prefect deployment run "
         f"'distill-embeddings/on-demand' -p profile=smoke\n"
+        f"Benchmark the champion here:  PREFECT_API_URL={state.prefect_api_url} .venv/bin/prefect "
+        f"deployment run 'benchmark-models/on-demand'\n"
         f"Stop it:        make stack-stop"
     )
     return 0

@@ -7,6 +7,9 @@ Examples::
     distill run --profile full
     distill run --config my.yaml --set data.corpus_wiki_sentences=5000 --set training.epochs=2
     distill show-config --profile full            # the resolved, validated config as YAML
+    distill warm-cache --profile standard         # encode tonight's corpus with the teacher, train later
+    distill benchmark --models champion           # re-time the champion beside the teacher on this machine
+    distill benchmark --models champion runs:/<run id>/model ./my-model --profile quick
 """
 
 from __future__ import annotations
@@ -43,11 +46,14 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="distill", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    commands = {}
     for name, help_text in (
         ("run", "run the distillation flow"),
         ("show-config", "print the resolved config"),
+        ("warm-cache", "encode the corpus with the teacher ahead of a run (same cache entries)"),
+        ("benchmark", "measure models beside the teacher on this machine, as a run measures its variants"),
     ):
-        cmd = sub.add_parser(name, help=help_text)
+        cmd = commands[name] = sub.add_parser(name, help=help_text)
         cmd.add_argument(
             "--profile",
             choices=get_args(ProfileName),
@@ -62,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override one field, e.g. --set data.corpus_wiki_sentences=5000 (repeatable)",
         )
+    commands["benchmark"].add_argument(
+        "--models",
+        nargs="+",
+        default=["champion"],
+        metavar="REF",
+        help="champion, <registered name>@<alias>, models:/<name>/<version>, runs:/<run id>/model, a model "
+        "folder or package (default: champion)",
+    )
     return parser
 
 
@@ -97,18 +111,37 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.tracking_store import check_tracking_store, tracking_uri
 
     try:
-        check_inputs(config)  # seconds, before a Prefect server starts; the flow checks again
-        check_tracking_store(tracking_uri(config))  # answers (HTTP) or is writable (SQLite, files)
+        if args.command == "benchmark":
+            from flows.benchmark import benchmark_inputs
+
+            benchmark_inputs(config, args.models)  # teacher, references, data and store, in seconds
+        else:
+            check_inputs(config)  # seconds, before a Prefect server starts; the flow checks again
+            check_tracking_store(tracking_uri(config))  # answers (HTTP) or is writable (SQLite, files)
     except (ValueError, OSError) as exc:  # every input error names the field or file and the fix
         return _fail(exc)
-    from flows.distill import distill
-
     # The flow gets what was asked for (profile + overrides), as a deployment run would, and resolves it
     # the same way; the Prefect UI shows these as the flow run's parameters.
     from flows.lifecycle import run_with_clean_exit
 
+    flow, extra = _flow_of(args)
     # A signal ends the run cleanly: flow run marked Crashed, temporary server stopped, exit 130 / 143 / 129.
-    return run_with_clean_exit(distill, profile=config.profile, overrides=overrides)
+    return run_with_clean_exit(flow, profile=config.profile, overrides=overrides, **extra)
+
+
+def _flow_of(args: argparse.Namespace) -> tuple[object, dict[str, object]]:
+    """The flow a command runs, and its parameters beyond profile and overrides."""
+    if args.command == "benchmark":
+        from flows.benchmark import benchmark_models
+
+        return benchmark_models, {"models": args.models}
+    if args.command == "warm-cache":
+        from flows.teacher_cache import warm_teacher_cache
+
+        return warm_teacher_cache, {}
+    from flows.distill import distill
+
+    return distill, {}
 
 
 def _fail(problem: object) -> int:

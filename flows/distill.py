@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import mlflow
-import torch
 from prefect import flow
-from prefect.runtime import deployment, flow_run
+from prefect.runtime import flow_run
 from pydantic import Field
 
-from tasks.benchmark import cpu_name, evaluate_all, evaluate_group_task, measure_throughput_task
-from tasks.compress import compress_variants, run_step_as_task
+from flows.benchmark import measure_variants
+from flows.teacher_cache import teacher_cache_dir, teacher_embeddings
+from tasks.benchmark import machine_tags
+from tasks.compress import StepFailure, compress_variants, run_step_as_task
 from tasks.config import (
     BEST_STUDENT,
     DataConfig,
@@ -25,8 +26,8 @@ from tasks.config import (
     resolve_form,
 )
 from tasks.data import PreparedData, prepare_data
-from tasks.files import file_sha256
 from tasks.model_card import write_cards_task
+from tasks.model_refs import registered_model_name
 from tasks.models import fingerprint_model_dir
 from tasks.preflight import check_inputs_task
 from tasks.report import build_table, format_table, publish_summary, write_report
@@ -34,8 +35,8 @@ from tasks.run_states import FLOW_HOOKS
 from tasks.selection import select_champion
 from tasks.static_student import distill_static_task
 from tasks.students import TrainedStudent, train_light_student, train_student
-from tasks.teacher_cache import cache_teacher_embeddings
-from tasks.tracking import ChildRuns, git_commit, log_results, parent_run
+from tasks.teacher_cache import CachedEmbeddings
+from tasks.tracking import ChildRuns, flow_run_tags, log_results, parent_run, run_context
 from tasks.tracking_store import setup_experiment
 from tasks.variants import Variant
 
@@ -86,25 +87,15 @@ def distill(
     data = prepare_data(config.data, config.work_dir)
     experiment_id = setup_experiment(config)
     run_name = f"{config.profile}-{flow_run.get_name() or 'local'}"
-    tags = {
-        "prefect.flow_run_id": str(flow_run.get_id() or ""),
-        "prefect.flow_run_name": flow_run.get_name() or "",
-        "prefect.deployment": deployment.name or "",
-        "profile": config.profile,
-    }
-
+    tags = flow_run_tags(config, "distill") | machine_tags(config.benchmark.threads)
     with parent_run(config, experiment_id, run_name, tags) as run_id:
         teacher_key = fingerprint_model_dir(plan.teacher_dir, config.teacher.max_seq_length)
         runs = ChildRuns(experiment_id, run_id, run_name, run_context(config, data, teacher_key, tags))
-        cache_dir = Path(config.work_dir) / "teacher-cache"
-        teacher_kwargs = dict(
-            cache_dir=cache_dir,
-            batch_size=config.benchmark.batch_size,
-            max_seq_length=config.teacher.max_seq_length,
-            trust_remote_code=config.teacher.trust_remote_code,
+        files = {"corpus": data.corpus_file, "heldout": data.heldout_file}
+        cached = teacher_embeddings(
+            plan.teacher_dir, files, config.teacher, teacher_cache_dir(config), config.benchmark.batch_size
         )
-        corpus_emb = cache_teacher_embeddings(plan.teacher_dir, data.corpus_file, **teacher_kwargs)
-        heldout_emb = cache_teacher_embeddings(plan.teacher_dir, data.heldout_file, **teacher_kwargs)
+        corpus_emb, heldout_emb = cached["corpus"], cached["heldout"]
         mlflow.log_metrics(
             {
                 "teacher_sentences_encoded": corpus_emb.sentences_encoded + heldout_emb.sentences_encoded,
@@ -123,42 +114,13 @@ def distill(
         # inputs; runs/<run id>/ holds only this run's report.
         artifacts = Path(config.work_dir) / "artifacts"
         run_dir = Path(config.work_dir) / "runs" / run_id
-        students = [
-            train_student(
-                plan.teacher_dir,
-                spec,
-                data,
-                corpus_emb,
-                config.training,
-                artifacts,
-                max_seq_length=config.teacher.max_seq_length,
-                trust_remote_code=config.teacher.trust_remote_code,
-                runs=runs,
-            )
-            for spec in config.students
-        ]
-        students += [
-            train_light_student(spec, data, corpus_emb, config.training, artifacts, runs=runs)
-            for spec in config.light_students
-        ]
-
+        students = train_students(plan.teacher_dir, config, data, corpus_emb, artifacts, runs)
         teacher = Variant(
             "teacher", "teacher", plan.teacher_dir, params={"model": config.teacher.model}, key=teacher_key
         )
         bases = [teacher] + [s.as_variant() for s in students]
-        sources = static_sources(config.static.sources, bases, students)
-        bases += [
-            distill_static_task(source, artifacts, config.static.pca_dims).as_variant() for source in sources
-        ]
-        compress = config.compress.with_targets(lambda names: resolve_names(names, students))
-        compressed, failed_steps = compress_variants(
-            bases, compress, data, corpus_emb, artifacts, run_step=run_step_as_task
-        )
-        variants = bases + compressed
-        quality = evaluate_all(
-            variants, data, heldout_emb, config.benchmark.batch_size, evaluate_group_task, artifacts
-        )
-        speed = measure_throughput_task(variants, data, config.benchmark)
+        variants, failed_steps = compress_stage(bases, students, config, data, corpus_emb, artifacts)
+        quality, speed = measure_variants(variants, data, heldout_emb, config.benchmark, artifacts)
         mlflow.log_metrics(
             {
                 # rows whose model came from an earlier run's stored output (derived rows without files of
@@ -189,7 +151,7 @@ def distill(
             logged.run_ids,
             logged.model_uris,
             config.selection,
-            config.selection.model_name or f"{config.tracking.experiment}-student",
+            registered_model_name(config),
             runs.context,
             run_id,
         )
@@ -208,20 +170,57 @@ def distill(
     }
 
 
-def run_context(config: DistillConfig, data: PreparedData, teacher_key: str, tags: dict[str, str]) -> dict:
-    """Params every child run carries, so that child runs of different flow runs compare and filter."""
-    return {
-        "profile": config.profile,
-        "teacher": config.teacher.model,
-        "teacher_key": teacher_key[:16],
-        "data_fingerprint": data.fingerprint[:16],
-        "dev_set": file_sha256(data.sts_file("dev"))[:16],
-        "corpus_sentences": str(data.corpus_size),
-        "cpu": cpu_name(),
-        "threads": str(config.benchmark.threads or torch.get_num_threads()),
-        "git_commit": git_commit() or "",
-        "prefect_flow_run_id": tags["prefect.flow_run_id"],
-    }
+@flow(name="train-students", validate_parameters=False)
+def train_students(
+    teacher_dir: Path,
+    config: DistillConfig,
+    data: PreparedData,
+    corpus_emb: CachedEmbeddings,
+    artifacts: Path,
+    runs: ChildRuns,
+) -> list[TrainedStudent]:
+    """Layer-reduced students (the teacher with layers removed), then light pretrained students; each one
+    stored by content key and reused by any later run with the same inputs."""
+    students = [
+        train_student(
+            teacher_dir,
+            spec,
+            data,
+            corpus_emb,
+            config.training,
+            artifacts,
+            max_seq_length=config.teacher.max_seq_length,
+            trust_remote_code=config.teacher.trust_remote_code,
+            runs=runs,
+        )
+        for spec in config.students
+    ]
+    return students + [
+        train_light_student(spec, data, corpus_emb, config.training, artifacts, runs=runs)
+        for spec in config.light_students
+    ]
+
+
+@flow(name="compress-variants", validate_parameters=False)
+def compress_stage(
+    bases: list[Variant],
+    students: list[TrainedStudent],
+    config: DistillConfig,
+    data: PreparedData,
+    corpus_emb: CachedEmbeddings,
+    artifacts: Path,
+) -> tuple[list[Variant], list[StepFailure]]:
+    """Static students distilled from the chosen sources, then every compress step (PCA, int8 models, int8
+    and binary vectors, chains); a step that fails becomes a failed row, not a failed run."""
+    sources = static_sources(config.static.sources, bases, students)
+    bases = bases + [
+        distill_static_task(source, artifacts, config.static.pca_dims).as_variant() for source in sources
+    ]
+    compress = config.compress.with_targets(lambda names: resolve_names(names, students))
+    compressed, failed_steps = compress_variants(
+        bases, compress, data, corpus_emb, artifacts, run_step=run_step_as_task
+    )
+    return bases + compressed, failed_steps
 
 
 def corpus_description(config: DataConfig) -> str:

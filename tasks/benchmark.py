@@ -157,6 +157,10 @@ def _parameters(variant: Variant, model: object) -> int:
     """Weights of the network; int8 weights are packed (not Parameters), so count the float model."""
     if variant.backend == "onnx":
         return _onnx_parameters(variant)
+    if variant.backend == "openvino" and not any(
+        (Path(variant.model_dir) / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")
+    ):  # a graph without its float model beside it (e.g. downloaded from MLflow): count the graph's weights
+        return _openvino_parameters(variant)
     if variant.backend in ("torch-int8", "openvino"):
         model = load_sentence_transformer(variant.model_dir)
     return sum(p.numel() for p in model.parameters())
@@ -167,6 +171,17 @@ def _onnx_parameters(variant: Variant) -> int:
 
     graph = onnx.load(str(Path(variant.model_dir) / str(variant.model_file)), load_external_data=False).graph
     return int(sum(np.prod(t.dims) for t in graph.initializer if len(t.dims) > 0))
+
+
+def _openvino_parameters(variant: Variant) -> int:
+    """Elements of the graph's non-scalar constants: its weights, plus int8 scales where quantized."""
+    import openvino as ov
+
+    graph = ov.Core().read_model(str(Path(variant.model_dir) / str(variant.model_file)))
+    sizes = (
+        int(np.prod(op.get_output_shape(0))) for op in graph.get_ops() if op.get_type_name() == "Constant"
+    )
+    return sum(size for size in sizes if size > 1)
 
 
 @task(name="evaluate-quality")
@@ -279,6 +294,30 @@ def measure_throughput_task(
 ) -> SpeedResult:
     """Prefect task around :func:`measure_throughput`."""
     return measure_throughput(variants, data, config)
+
+
+# CPU features that change what int8 / bf16 inference costs (VNNI, AMX, AVX-512, AVX2)
+_SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd")
+
+
+def machine_tags(threads: int | None = None) -> dict[str, str]:
+    """Where speed was measured: CPU model and the flags that matter for int8 / bf16, GPU, threads."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {
+        "machine.cpu": cpu_name(),
+        "machine.cpu_flags": " ".join(f for f in _SPEED_FLAGS if f in flags) or "unknown",
+        "machine.gpu": gpu,
+        "machine.threads": str(threads or torch.get_num_threads()),
+        "machine.hostname": platform.node(),
+    }
 
 
 def cpu_name() -> str:

@@ -94,11 +94,37 @@ def fit_sample(base: Variant, inputs: CompressInputs, rows: int) -> np.ndarray:
     return np.load(entry.path / "embeddings.npy", allow_pickle=False)
 
 
-def int8_ranges(embeddings: np.ndarray, path: Path) -> Path:
-    """Per-dimension min and max (2 x dim) of calibration embeddings, saved as .npy."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, np.vstack((embeddings.min(axis=0), embeddings.max(axis=0))).astype(np.float32))
-    return path
+def int8_ranges(
+    embeddings: np.ndarray, calibration: str = "minmax", clip_percentile: float = 0.0
+) -> np.ndarray:
+    """The int8 grid fitted on calibration embeddings: 2 x dim, each dimension's lower and upper end, as
+    ``quantize_embeddings(..., ranges=...)`` takes them (it maps ``[low, high]`` onto -128..127 in 256 equal
+    steps, clipping what lies outside).
+
+    - ``minmax``: each dimension's min and max. Each dimension is centred on its midpoint and scaled by its
+      own range, so the cosine of two int8 vectors is the cosine of centred, reweighted vectors.
+    - ``percentile``: each dimension's ``clip_percentile`` and ``100 - clip_percentile`` percentiles
+      (outliers clipped; centred and scaled per dimension like ``minmax``).
+    - ``symmetric``: centred on zero with one step for every dimension, sized so that the
+      ``100 - clip_percentile`` percentile of the absolute values over all dimensions maps to 127: the int8
+      vector is ``round(x / step)`` (clipped), so its cosines are the float cosines up to rounding.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"int8 calibration needs a non-empty 2-d array of embeddings, got shape {x.shape}")
+    if calibration == "minmax":
+        low, high = x.min(axis=0), x.max(axis=0)
+    elif calibration == "percentile":
+        low, high = np.percentile(x, [clip_percentile, 100 - clip_percentile], axis=0)
+    elif calibration == "symmetric":
+        bound = float(np.percentile(np.abs(x), 100 - clip_percentile))
+        step = (bound if bound > 0 else 1.0) / 127
+        # quantize_embeddings computes floor((x - low) / step) - 128 with step = (high - low) / 255; these
+        # ends make that round(x / step): 0 stays 0 and +-bound becomes +-127
+        low, high = np.full(x.shape[1], -128.5 * step), np.full(x.shape[1], 126.5 * step)
+    else:
+        raise ValueError(f"unknown int8 calibration {calibration!r}: use symmetric, minmax or percentile")
+    return np.vstack((low, high)).astype(np.float32)
 
 
 # --- steps: each takes a base variant and returns the variants it made ---------------------------------
@@ -136,23 +162,36 @@ def pca_step(base: Variant, step: PcaStep, inputs: CompressInputs) -> list[Varia
 
 
 def emb_int8_step(base: Variant, step: EmbInt8Step, inputs: CompressInputs) -> list[Variant]:
-    """int8 vectors, per-dimension ranges calibrated on the base's own embeddings of corpus sentences."""
+    """int8 vectors, their grid fitted (``step.calibration``) on the base's own corpus embeddings."""
     rows = step.calibration_sentences
+    calibration, clip = step.calibration, step.effective_clip_percentile()
 
     def build(out_dir: Path, _work: Path) -> dict:
         start = time.perf_counter()
         embeddings = fit_sample(base, inputs, rows)
-        int8_ranges(embeddings, out_dir / "int8-ranges.npy")
-        return {"calibration_sentences": len(embeddings), "seconds": time.perf_counter() - start}
+        np.save(out_dir / "int8-ranges.npy", int8_ranges(embeddings, calibration, clip), allow_pickle=False)
+        return {
+            "calibration_sentences": len(embeddings),
+            "calibration": calibration,
+            "clip_percentile": clip,
+            "seconds": time.perf_counter() - start,
+        }
 
-    key = inputs.key("int8-ranges", base, rows=rows)
-    entry = inputs.store().build("int8-ranges", key, build, f"{base.name} int8 ranges")
+    # minmax keeps the key it had before there was a choice (its stored ranges are still right); every other
+    # method and percentile is a different grid, with a key of its own
+    method = {} if calibration == "minmax" else {"calibration": calibration, "clip_percentile": clip}
+    key = inputs.key("int8-ranges", base, rows=rows, **method)
+    entry = inputs.store().build("int8-ranges", key, build, f"{base.name} int8 ranges ({calibration})")
     return [
         base.derive(
             f"{base.name}-emb-int8",
             "embedding-quantized",
             "emb-int8",
-            {"calibration_sentences": str(entry.result["calibration_sentences"])},
+            {
+                "calibration_sentences": str(entry.result["calibration_sentences"]),
+                "calibration": calibration,
+                "clip_percentile": str(clip),
+            },
             precision="int8",
             calibration_file=entry.path / "int8-ranges.npy",
             build_seconds=base.build_seconds + entry.result["seconds"],

@@ -49,7 +49,9 @@ TABLE_COLUMNS = [
     "bytes_per_vector",
     "build_seconds",
 ]
-TEXT_COLUMNS = ("variant", "kind", "parent", "lineage", "uses_sts_labels", "status", "reused")  # not metrics
+# Where a benchmarked model came from (flows/benchmark.py adds these after the others).
+SOURCE_COLUMNS = ("model_ref", "source_run_id", "same_data_as_source", "same_teacher_as_source")
+TEXT_COLUMNS = (*TABLE_COLUMNS[: TABLE_COLUMNS.index("reused") + 1], *SOURCE_COLUMNS)  # not metrics
 STS_LABELS_MARK = "†"
 STS_LABELS_LEGEND = (
     f"{STS_LABELS_MARK} uses_sts_labels: saw STS-B train labels (a CoSENT student or made from one), so its "
@@ -270,8 +272,11 @@ def plot_bars(table: pd.DataFrame, path: Path) -> Path:
 
 
 @task(name="write-report")
-def write_report(table: pd.DataFrame, out_dir: Path, speed: SpeedResult) -> dict[str, Path]:
-    """Write CSV, Markdown and plots to ``out_dir`` and publish the table as a Prefect artifact."""
+def write_report(
+    table: pd.DataFrame, out_dir: Path, speed: SpeedResult, artifact_key: str = "distillation-tradeoff"
+) -> dict[str, Path]:
+    """Write CSV, Markdown and plots to ``out_dir`` and publish the table as the Prefect table artifact
+    ``artifact_key``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
@@ -287,7 +292,7 @@ def write_report(table: pd.DataFrame, out_dir: Path, speed: SpeedResult) -> dict
     )
     files["markdown"].write_text(format_table(table) + "\n\n" + note + "\n", encoding="utf-8")
     create_table_artifact(
-        key="distillation-tradeoff",
+        key=artifact_key,
         table=table.round(4).astype(object).where(table.notna(), "").to_dict(orient="records"),
         description="Speed / STS trade-off, ratios to the teacher measured in the same run. "
         + note

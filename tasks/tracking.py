@@ -18,10 +18,13 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import torch
 from mlflow.entities import DatasetInput, InputTag, RunTag
 from mlflow.tracking import MlflowClient
 from prefect import task
+from prefect.runtime import deployment, flow_run
 
+from tasks.benchmark import cpu_name
 from tasks.config import DistillConfig
 from tasks.data import PreparedData
 from tasks.files import file_sha256
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 
 
 RUN_NAME_TAG = "mlflow.runName"
+JOB_TAG = "distill.job"  # distill, benchmark or warm-cache: the kind of flow run an MLflow run belongs to
 
 
 def git_commit() -> str | None:
@@ -79,6 +83,36 @@ def parent_run(
         with_retries(lambda: mlflow.log_params(config.flat_params()), what="logging the config")
         log.info("MLflow run %s (%s) in %s", run.info.run_id, run_name, redact_uri(mlflow.get_tracking_uri()))
         yield run.info.run_id
+
+
+def flow_run_tags(config: DistillConfig, job: str) -> dict[str, str]:
+    """Tags that tie an MLflow run to its Prefect flow run (the failure hooks find runs by them)."""
+    return {
+        "prefect.flow_run_id": str(flow_run.get_id() or ""),
+        "prefect.flow_run_name": flow_run.get_name() or "",
+        "prefect.deployment": deployment.name or "",
+        "profile": config.profile,
+        JOB_TAG: job,
+    }
+
+
+def run_context(
+    config: DistillConfig, data: PreparedData, teacher_key: str, tags: dict[str, str]
+) -> dict[str, str]:
+    """Params every child run carries, so that child runs of different flow runs compare and filter."""
+    return {
+        "profile": config.profile,
+        "teacher": config.teacher.model,
+        "teacher_key": teacher_key[:16],
+        "data_fingerprint": data.fingerprint[:16],
+        "dev_set": file_sha256(data.sts_file("dev"))[:16],
+        "corpus_sentences": str(data.corpus_size),
+        "cpu": cpu_name(),
+        "threads": str(config.benchmark.threads or torch.get_num_threads()),
+        "git_commit": git_commit() or "",
+        "prefect_flow_run_id": tags["prefect.flow_run_id"],
+        "job": tags.get(JOB_TAG, "distill"),  # distill / benchmark: filter child runs of one kind of job
+    }
 
 
 @dataclass(frozen=True)

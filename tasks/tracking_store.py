@@ -350,8 +350,9 @@ def store_lock(uri: str) -> Iterator[None]:
         lock.release()
 
 
-def setup_experiment(config: DistillConfig) -> str:
-    """Point MLflow at the store and return the experiment id (created on first use).
+def setup_experiment(config: DistillConfig, name: str | None = None) -> str:
+    """Point MLflow at the store and return the id of experiment ``name`` (default
+    ``tracking.experiment``), created on first use.
 
     Checks the store first (:func:`check_tracking_store`) and bounds MLflow's HTTP retries. With a SQLite
     store, a file lock beside the database serialises schema creation and experiment creation between
@@ -360,7 +361,7 @@ def setup_experiment(config: DistillConfig) -> str:
     uri = tracking_uri(config)
     bound_mlflow_http_retries()
     check_tracking_store(uri)
-    name = config.tracking.experiment
+    name = name or config.tracking.experiment
     with store_lock(uri):
         mlflow.set_tracking_uri(uri)
         client = MlflowClient()

@@ -39,7 +39,8 @@ class Variant:
         backend: ``torch``, ``onnx``, ``openvino`` or ``torch-int8`` (dynamic int8 applied at load).
         model_file: ONNX / OpenVINO file inside ``model_dir`` (e.g. ``onnx/model_qint8_avx2.onnx``).
         precision: How output vectors are stored: float32, int8 (calibrated ranges) or ubinary (1 bit/dim).
-        calibration_file: ``.npy`` with the int8 ranges (2 x dim: per-dimension min and max).
+        calibration_file: ``.npy`` with the int8 ranges (2 x dim: each dimension's lower and upper end of
+            the int8 grid, as ``quantize_embeddings(ranges=...)`` takes them; ``tasks.compress.int8_ranges``).
         int8_exclude: For ``torch-int8``: regexes of module names kept in float32.
         int8_per_channel: For ``torch-int8``: per-channel weight scales (else per tensor).
         params: Extra MLflow params (layers, PCA dims, kernel, ...).

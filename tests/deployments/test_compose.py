@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 ENV_EXAMPLE = REPO / ".env.example"
-SERVICES = {"postgres", "prefect-server", "mlflow", "worker"}
+SERVICES = {"postgres", "prefect-server", "mlflow", "worker", "serving-worker"}
 UI_PORTS = {"prefect-server": 4200, "mlflow": 5000}
 IMAGE = "embedding-distill:local"
 PASSWORD_MESSAGE = "set POSTGRES_PASSWORD in .env"
@@ -82,7 +82,7 @@ def test_config_is_valid_without_warnings(compose):
     assert "WARN" not in result.stderr, result.stderr  # e.g. a variable used but never set
 
 
-def test_four_services(config):
+def test_five_services(config):
     assert set(config["services"]) == SERVICES
 
 
@@ -131,9 +131,9 @@ def test_one_image_built_from_the_repo_dockerfile_by_the_worker(config):
     worker = services["worker"]
     assert Path(worker["build"]["context"]).resolve() == REPO
     assert worker["build"].get("dockerfile", "Dockerfile") == "Dockerfile" and DOCKERFILE.is_file()
-    for name in ("worker", "prefect-server", "mlflow"):
+    for name in ("worker", "serving-worker", "prefect-server", "mlflow"):
         assert services[name]["image"] == IMAGE, name
-    for name in ("prefect-server", "mlflow"):
+    for name in ("prefect-server", "mlflow", "serving-worker"):
         assert "build" not in services[name], f"{name} should reuse the worker's image, not build it again"
         assert services[name]["pull_policy"] == "never", f"{name}: {IMAGE} is local, never pulled"
 
@@ -298,3 +298,16 @@ def test_dockerignore_keeps_secrets_and_local_state_out():
     allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
     assert {"pyproject.toml", "README.md", "flows", "tasks", "deployments"} <= allowed
     assert not allowed & {".env", ".git", ".venv", ".distill"}
+
+
+def test_serving_worker_runs_the_benchmark_pool(compose, config):
+    serving, worker = config["services"]["serving-worker"], config["services"]["worker"]
+    assert serving["command"] == ["prefect", "worker", "start", "--pool", "serving-cpu", "--type", "process"]
+    assert serving["stop_signal"] == "SIGINT" and serving["restart"] == "unless-stopped"
+    assert "worker" in serving["depends_on"]  # which applies the deployments and creates the pools
+    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "DISTILL_DATA_DIR", "DISTILL_WORK_DIR", "HF_HOME"):
+        assert serving["environment"][key] == worker["environment"][key], key
+    data = next(v for v in serving["volumes"] if v["target"] == serving["environment"]["DISTILL_DATA_DIR"])
+    assert data["type"] == "bind" and data["read_only"] is True and Path(data["source"]) == compose.data_dir
+    assert "ports" not in serving
+    assert worker["environment"]["DISTILL_CACHE_CRON"] == "0 1 * * *"

@@ -4,7 +4,9 @@ import pytest
 from prefect.utilities.callables import parameter_schema
 
 from deployments.deploy import DeploymentSettings, as_form, main
+from flows.benchmark import benchmark_models
 from flows.distill import distill
+from flows.teacher_cache import warm_teacher_cache
 
 
 def test_optional_fields_become_plain_inputs_that_start_empty() -> None:
@@ -16,6 +18,27 @@ def test_optional_fields_become_plain_inputs_that_start_empty() -> None:
     assert form["properties"]["compressions"]["items"]["enum"][0] == "pca"
     assert form["properties"]["profile"]["default"] == "quick"  # a real default stays
     assert all(p.get("description") for p in form["properties"].values())
+
+
+@pytest.mark.parametrize("flow", [benchmark_models, warm_teacher_cache], ids=["benchmark", "warm-cache"])
+def test_the_other_flows_forms_start_on_the_profile(flow) -> None:
+    form = as_form(parameter_schema(flow.fn).model_dump_for_openapi())
+    assert form["properties"]["profile"]["default"] == "quick"
+    assert all(p.get("description") for p in form["properties"].values())
+    empty = {name: f for name, f in form["properties"].items() if name != "profile"}
+    assert all("default" not in f and "anyOf" not in f for f in empty.values())
+
+
+def test_benchmark_form_takes_a_list_of_references() -> None:
+    form = as_form(parameter_schema(benchmark_models.fn).model_dump_for_openapi())
+    assert form["properties"]["models"] == {
+        "type": "array",
+        "items": {"type": "string"},
+        "title": "models",
+        "description": form["properties"]["models"]["description"],
+        "position": 0,
+    }
+    assert "champion" in form["properties"]["models"]["description"]
 
 
 def test_settings_come_from_the_environment(monkeypatch) -> None:
@@ -37,6 +60,7 @@ def test_settings_come_from_the_environment(monkeypatch) -> None:
             "every night",
             "DISTILL_NIGHTLY_CRON: 'every night' is not a cron expression",
         ),
+        ("DISTILL_CACHE_CRON", "at one", "DISTILL_CACHE_CRON: 'at one' is not a cron expression"),
         (
             "DISTILL_NIGHTLY_TIMEZONE",
             "Mars/Olympus",

@@ -36,7 +36,11 @@ def running(request, tmp_path_factory, data_dir) -> Stack:
         "DISTILL_WORK_DIR": str(home / "work"),
         "HF_HUB_OFFLINE": "1",
     }
-    deploy_env = {"DISTILL_NIGHTLY_CRON": _far_from_now_cron(), "DISTILL_NIGHTLY_TIMEZONE": "UTC"}
+    deploy_env = {
+        "DISTILL_NIGHTLY_CRON": _far_from_now_cron(),
+        "DISTILL_CACHE_CRON": _far_from_now_cron(),
+        "DISTILL_NIGHTLY_TIMEZONE": "UTC",
+    }
     if request.param == "postgresql":
         reason = why_unavailable()
         if reason:
@@ -64,13 +68,15 @@ def stack(running: Stack) -> StackState:
     return running.state
 
 
-def _deployment_id(state: StackState, name: str) -> str:
-    return api(state.prefect_api_url, f"/deployments/name/distill-embeddings/{name}")["id"]
+def _deployment_id(state: StackState, name: str, flow: str = "distill-embeddings") -> str:
+    return api(state.prefect_api_url, f"/deployments/name/{flow}/{name}")["id"]
 
 
-def _trigger(state: StackState, parameters: dict) -> str:
-    """What the UI's Run button does: a flow run of the on-demand deployment, scheduled for now."""
-    deployment_id = _deployment_id(state, "on-demand")
+def _trigger(
+    state: StackState, parameters: dict, flow: str = "distill-embeddings", name: str = "on-demand"
+) -> str:
+    """What the UI's Run button does: a flow run of the deployment, scheduled for now."""
+    deployment_id = _deployment_id(state, name, flow)
     body = {"parameters": parameters, "state": {"type": "SCHEDULED"}}
     return api(state.prefect_api_url, f"/deployments/{deployment_id}/create_flow_run", body)["id"]
 
@@ -95,7 +101,9 @@ def _mlflow_runs(state: StackState, flow_run_id: str) -> list:
 
 def test_on_demand_smoke_run_lands_in_mlflow(stack: StackState, monkeypatch: pytest.MonkeyPatch) -> None:
     started = time.perf_counter()
-    flow_run_id = _trigger(stack, {"profile": "smoke", "corpus_wiki_sentences": 250})
+    # a lenient rule, so that the smoke run always registers a champion for the benchmark test below
+    parameters = {"profile": "smoke", "corpus_wiki_sentences": 250}
+    flow_run_id = _trigger(stack, {**parameters, "overrides": {"selection": {"min_retention_pct": 50}}})
     run, seen = _wait(stack, flow_run_id, timeout=900)
     print(
         f"\nsmoke run: trigger -> Running {seen.get('RUNNING', float('nan')):.1f} s, "
@@ -139,6 +147,66 @@ def test_on_demand_smoke_run_lands_in_mlflow(stack: StackState, monkeypatch: pyt
     # the champion rule always ends in a stated outcome (a smoke student may well keep < 98% on dev)
     tags = client.get_run(parent.info.run_id).data.tags
     assert tags["distill.champion"] and "Champion rule:" in tags["distill.selection"]
+    assert tags["distill.champion_version"] == "1"
+    # the stages are nested flow runs of their own, each with its state
+    stages = api(
+        stack.prefect_api_url,
+        "/flow_runs/filter",
+        {"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}},
+    )
+    flows = {f["id"]: f["name"] for f in api(stack.prefect_api_url, "/flows/filter", {})}
+    assert sorted(flows[r["flow_id"]] for r in stages) == [
+        "compress-variants",
+        "measure-variants",
+        "teacher-embeddings",
+        "train-students",
+    ]
+    assert {r["state_type"] for r in stages} == {"COMPLETED"}
+
+
+def test_benchmark_the_champion_from_the_ui(stack: StackState) -> None:
+    """The "benchmark champion on this machine" button: the deployment's default models, on the serving
+    pool's worker; quality columns equal the smoke run's row of that variant."""
+    deployment = api(stack.prefect_api_url, "/deployments/name/benchmark-models/on-demand")
+    assert deployment["work_pool_name"] == "serving-cpu" and deployment["parameters"] == {
+        "models": ["champion"]
+    }
+    # the smoke run's data settings (its corpus decides which held-out sentences are clean)
+    parameters = {"profile": "smoke", "overrides": {"data": {"corpus_wiki_sentences": 250}}}
+    flow_run_id = _trigger(stack, parameters, flow="benchmark-models")
+    run, _ = _wait(stack, flow_run_id, timeout=600)
+    assert run["state_type"] == "COMPLETED", run["state"]
+    (parent,) = _mlflow_runs(stack, flow_run_id)
+    tags = parent.data.tags
+    assert tags["distill.job"] == "benchmark" and tags["prefect.deployment"] == "on-demand"
+    assert tags["machine.cpu"] and tags["machine.cpu_flags"] and tags["machine.threads"]
+    client = MlflowClient(stack.mlflow_url)
+
+    def table(run_id: str) -> dict[str, dict]:
+        raw = json.loads(Path(client.download_artifacts(run_id, "tradeoff_table.json")).read_text())
+        return {row[0]: dict(zip(raw["columns"], row, strict=True)) for row in raw["data"]}
+
+    benchmarked, source = table(parent.info.run_id), table(tags["distill.source_runs"])
+    champion = client.get_model_version_by_alias(f"{SMOKE_EXPERIMENT}-student", "champion").tags["variant"]
+    assert list(benchmarked) == ["teacher", champion]
+    for column in ("sts_dev_spearman", "sts_test_spearman", "heldout_agreement_spearman", "bytes_per_vector"):
+        assert benchmarked[champion][column] == source[champion][column], column
+    assert benchmarked[champion]["model_ref"] == "champion"
+    assert benchmarked[champion]["same_data_as_source"] == "yes"
+
+
+def test_warm_the_cache_from_the_ui(stack: StackState) -> None:
+    """The smoke run above encoded this corpus: the warm-up finds the very entries it wrote."""
+    deployment = api(stack.prefect_api_url, "/deployments/name/warm-teacher-cache/before-nightly")
+    assert deployment["work_pool_name"] == "distill-cpu" and deployment["schedules"]
+    parameters = {"profile": "smoke", "corpus_wiki_sentences": 250}
+    flow_run_id = _trigger(stack, parameters, flow="warm-teacher-cache", name="before-nightly")
+    run, _ = _wait(stack, flow_run_id, timeout=300)
+    assert run["state_type"] == "COMPLETED", run["state"]
+    (parent,) = _mlflow_runs(stack, flow_run_id)
+    assert parent.data.tags["distill.job"] == "warm-cache"
+    assert parent.data.metrics["teacher_sentences_encoded"] == 0
+    assert parent.data.metrics["corpus_sentences"] == 250
 
 
 def test_nightly_has_runs_created_by_the_scheduler(running: Stack, stack: StackState) -> None:
@@ -222,7 +290,7 @@ def test_stop_leaves_no_process_behind(running: Stack) -> None:
     assert running.state is not None
     processes = [psutil.Process(s.pid) for s in running.state.services]
     family = processes + [c for p in processes for c in p.children(recursive=True)]
-    assert running.stop() == ["worker", "mlflow", "prefect"]
+    assert running.stop() == ["serving-worker", "worker", "mlflow", "prefect"]
     _, alive = psutil.wait_procs(family, timeout=5)
     assert alive == [], f"still running after stop: {[p.pid for p in alive]}"
     assert not (running.home / "stack.json").exists()

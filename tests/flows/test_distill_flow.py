@@ -1,18 +1,15 @@
 """The whole DAG on a tiny model, run twice through the CLI in fresh processes with a temporary Prefect
-server each time and one MLflow SQLite store: runs, metrics and table land, and the second run hits the
-teacher cache (it records encoding nothing with the teacher)."""
+server each time and one MLflow SQLite store (the ``two_runs`` fixture of conftest.py): runs, metrics and
+table land, and the second run hits the teacher cache (it records encoding nothing with the teacher)."""
 
 import json
 from pathlib import Path
 
 import mlflow
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from tasks.report import METRIC_COLUMNS
-from tests.conftest import tiny_config
-from tests.flows.cli_process import start_cli
 
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED_VARIANTS = [
@@ -41,31 +38,7 @@ EXPECTED_VARIANTS = [
 ]
 
 
-def _run_cli(config_file: Path, prefect_home: Path) -> tuple[int, str]:
-    """Exit code and output of one ``distill run``."""
-    log = prefect_home.with_suffix(".log")
-    return start_cli(config_file, prefect_home, log).wait(timeout=900), log.read_text()
-
-
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, tiny_model_dir, tiny_light_model_dir, data_dir):
-    tmp = tmp_path_factory.mktemp("flow")
-    config = tiny_config(tiny_model_dir, data_dir, tmp, tiny_light_model_dir)
-    config["selection"] = {"min_retention_pct": 1.0}  # random tiny models: any positive dev score competes
-    config_file = tmp / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config))
-    results = [_run_cli(config_file, tmp / f"prefect-{i}") for i in range(2)]
-    for result in results:
-        assert result[0] == 0, result[1][-8000:]
-    mlflow.set_tracking_uri(config["tracking"]["tracking_uri"])
-    experiment = mlflow.get_experiment_by_name("test")
-    parents = mlflow.search_runs(
-        [experiment.experiment_id],
-        filter_string="tags.`mlflow.parentRunId` IS NULL",
-        order_by=["attributes.start_time ASC"],
-        output_format="list",
-    )
-    return config, experiment, parents, results
+pytestmark = pytest.mark.usefixtures("two_runs_store")
 
 
 def test_one_parent_run_per_flow_run_with_config_and_tags(two_runs) -> None:
@@ -228,7 +201,7 @@ def test_tradeoff_table_and_report_files_on_parent(two_runs) -> None:
 def test_second_run_hits_the_teacher_cache(two_runs) -> None:
     _, _, parents, results = two_runs
     first, second = (p.data.metrics["teacher_sentences_encoded"] for p in parents)
-    assert first == 200 + 60  # corpus + held-out sentences, encoded once
+    assert first == 200 + 300  # corpus + held-out sentences, encoded once
     assert second == 0
     assert "teacher cache hit" in results[1][1]
 

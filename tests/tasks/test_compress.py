@@ -3,10 +3,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import spearmanr
 
-from tasks.compress import compress_variants
-from tasks.config import CompressionConfig
-from tasks.variants import Variant, encode, load_model
+from tasks.compress import CompressInputs, compress_variants, emb_int8_step, int8_ranges
+from tasks.config import CompressionConfig, EmbInt8Step
+from tasks.variants import Variant, encode, load_model, pair_similarity, quantize
 from tests.conftest import tiny_compress_steps, tiny_prepared
 
 
@@ -92,3 +93,118 @@ def test_a_failing_step_fails_its_rows_only(
     names = {v.name for v in made}
     assert "teacher-openvino-int8" in names and "teacher-pca8" in names and "teacher-onnx" not in names
     assert not list((tmp_path / "artifacts").glob("onnx*/[!.]*"))  # nothing half-written is kept
+
+
+# --- int8 calibration ------------------------------------------------------------------------------------
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _anisotropic(rng: np.random.Generator, rows: int, dim: int = 64) -> np.ndarray:
+    """Unit vectors that share one large common direction (mean cosine ~0.8), like a CoSENT student's."""
+    common = np.zeros(dim)
+    common[: dim // 2] = 1.0
+    return _unit(2.0 * _unit(common[None])[0] + rng.normal(0, 1, (rows, dim)) * np.linspace(0.05, 0.4, dim))
+
+
+def _isotropic(rng: np.random.Generator, rows: int, dim: int = 64) -> np.ndarray:
+    return _unit(rng.normal(0, 1, (rows, dim)))
+
+
+def _int8_retention(space: str, calibration: str, clip: float, tmp_path: Path) -> float:
+    """Spearman of int8 cosines against noisy "gold" scores, as a fraction of the float cosines' Spearman
+    (what the benchmark's retention is), for 1,000 synthetic pairs."""
+    rng = np.random.default_rng(0)
+    make = _anisotropic if space == "anisotropic" else _isotropic
+    sample = make(rng, 4_000)
+    if space == "outliers":
+        sample[:2] *= 50.0  # two broken calibration rows, 0.05% of the sample
+    a, b = make(rng, 1_000), make(rng, 1_000)
+    floats = pair_similarity(a, b, "float32")
+    gold = floats + rng.normal(0, 0.02, len(floats))
+    np.save(tmp_path / "ranges.npy", int8_ranges(sample, calibration, clip))
+    variant = Variant(
+        "v", "embedding-quantized", tmp_path, precision="int8", calibration_file=tmp_path / "ranges.npy"
+    )
+    int8 = pair_similarity(quantize(a, variant), quantize(b, variant), "int8")
+    return float(spearmanr(int8, gold)[0] / spearmanr(floats, gold)[0])
+
+
+@pytest.mark.parametrize(
+    ("space", "calibration", "clip", "low", "high"),
+    [
+        # a shared direction: a grid centred per dimension (minmax, percentile) computes cosines of centred
+        # vectors and loses the ranking; the zero-centred grid keeps it, with or without clipping
+        ("anisotropic", "minmax", 0.0, 0.0, 0.9),
+        ("anisotropic", "percentile", 0.1, 0.0, 0.9),
+        ("anisotropic", "symmetric", 0.0, 0.995, 1.01),
+        ("anisotropic", "symmetric", 0.01, 0.995, 1.01),
+        # outliers in the calibration sample: min/max spends the 256 steps on them; clipping them keeps
+        # the resolution (percentile still centres each dimension, so it keeps a little less)
+        ("outliers", "minmax", 0.0, 0.0, 0.9),
+        ("outliers", "percentile", 0.1, 0.98, 1.01),
+        ("outliers", "symmetric", 0.0, 0.0, 0.95),
+        ("outliers", "symmetric", 0.1, 0.995, 1.01),
+    ],
+)
+def test_int8_calibration_keeps_the_float_ranking(
+    space: str, calibration: str, clip: float, low: float, high: float, tmp_path: Path
+) -> None:
+    assert low <= _int8_retention(space, calibration, clip, tmp_path) < high
+
+
+@pytest.mark.parametrize(
+    ("calibration", "clip"), [("minmax", 0.0), ("percentile", 1.0), ("symmetric", 0.0), ("symmetric", 1.0)]
+)
+def test_int8_ranges_are_a_2_by_dim_grid(calibration: str, clip: float) -> None:
+    sample = np.random.default_rng(1).normal(0, 1, (500, 8)).astype(np.float32)
+    ranges = int8_ranges(sample, calibration, clip)
+    assert ranges.shape == (2, 8) and ranges.dtype == np.float32 and (ranges[0] < ranges[1]).all()
+    if calibration == "minmax":
+        np.testing.assert_array_equal(ranges, np.vstack((sample.min(0), sample.max(0))))
+    if calibration == "symmetric":  # one step for all dimensions
+        assert np.ptp(ranges[1] - ranges[0]) == 0
+        bound = np.abs(sample).max() if clip == 0 else np.percentile(np.abs(sample), 100 - clip)
+        np.testing.assert_allclose((ranges[1] - ranges[0]) / 255, bound / 127, rtol=1e-6)
+
+
+def test_int8_ranges_refuse_an_unknown_method_and_an_empty_sample() -> None:
+    with pytest.raises(ValueError, match="unknown int8 calibration 'median'"):
+        int8_ranges(np.ones((4, 2)), "median")
+    with pytest.raises(ValueError, match="non-empty 2-d array"):
+        int8_ranges(np.zeros((0, 2)), "symmetric")
+
+
+def test_the_calibration_method_is_part_of_the_content_key(
+    tiny_model_dir: Path, prepared, tmp_path: Path
+) -> None:
+    data, corpus = prepared
+    inputs = CompressInputs(data, corpus, tmp_path / "artifacts")
+    teacher = Variant("teacher", "teacher", tiny_model_dir, key="tiny")
+    steps = [
+        EmbInt8Step(calibration_sentences=50, calibration="minmax"),
+        EmbInt8Step(calibration_sentences=50, calibration="percentile", clip_percentile=0.1),
+        EmbInt8Step(calibration_sentences=50, calibration="percentile", clip_percentile=1),
+        EmbInt8Step(calibration_sentences=50),
+        EmbInt8Step(calibration_sentences=50, clip_percentile=0),
+    ]
+    made = [emb_int8_step(teacher, step, inputs)[0] for step in steps]
+    assert len({v.key for v in made}) == len({v.calibration_file for v in made}) == len(steps)
+    # min/max ranges stored before there was a choice keep their key, so they are still reused
+    assert made[0].key == inputs.key("int8-ranges", teacher, rows=50)
+    assert [(v.params["calibration"], v.params["clip_percentile"]) for v in made] == [
+        ("minmax", "0.0"),
+        ("percentile", "0.1"),
+        ("percentile", "1.0"),
+        ("symmetric", "0.01"),
+        ("symmetric", "0.0"),
+    ]
+    again = [emb_int8_step(teacher, step, inputs)[0] for step in steps]
+    assert [(v.key, v.reused) for v in again] == [(v.key, True) for v in made]
+    for variant in made:
+        ranges = np.load(variant.calibration_file)
+        assert ranges.shape == (2, 32)
+        out = encode(load_model(variant), variant, ["one sentence", "two sentences"], batch_size=4)
+        assert out.dtype == np.int8 and out.shape == (2, 32)

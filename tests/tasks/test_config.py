@@ -263,3 +263,46 @@ def test_targets_set_explicitly_stay_as_given() -> None:
     config = resolve_form("smoke", form_overrides(students=[{"num_layers": 3}]), overrides)
     assert [(s.technique, s.targets) for s in config.compress.steps] == [("pca", ("teacher",))]
     assert resolve_form("smoke", {}) == load_config("smoke")  # no students in the form: the profile's
+
+
+def _int8_step(**settings) -> dict:
+    return {"compress": {"steps": [{"technique": "emb-int8", "targets": ["teacher"], **settings}]}}
+
+
+@pytest.mark.parametrize(
+    ("settings", "calibration", "clip"),
+    [
+        ({}, "symmetric", 0.01),  # the default, chosen by measurement (see EmbInt8Step)
+        ({"calibration": "minmax"}, "minmax", 0.0),
+        ({"calibration": "percentile"}, "percentile", 0.01),
+        ({"calibration": "percentile", "clip_percentile": 0.5}, "percentile", 0.5),
+        ({"calibration": "symmetric", "clip_percentile": 0}, "symmetric", 0.0),
+        ({"clip_percentile": 10}, "symmetric", 10.0),
+    ],
+)
+def test_int8_calibration_settings(settings: dict, calibration: str, clip: float) -> None:
+    (step,) = resolve_config("quick", _int8_step(**settings)).compress.steps
+    assert step.calibration == calibration and step.effective_clip_percentile() == clip
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"calibration": "median"}, "compress.steps.0.emb-int8.calibration: Input should be 'symmetric'"),
+        ({"clip_percentile": -1}, "clip_percentile: Input should be greater than or equal to 0"),
+        ({"clip_percentile": 25}, "clip_percentile: Input should be less than or equal to 10"),
+        ({"clip_percentile": float("nan")}, "clip_percentile: Input should be a finite number"),
+        ({"calibration": "minmax", "clip_percentile": 0.1}, "minmax clips nothing"),
+    ],
+)
+def test_int8_calibration_refuses_bad_values(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve_config("quick", _int8_step(**settings))
+    assert message in str(info.value)
+
+
+def test_int8_calibration_survives_a_dump_and_validate_round_trip() -> None:
+    """``resolve_form`` re-validates dumped steps: a minmax step must not come back with a clip value."""
+    steps = resolve_config("quick", _int8_step(calibration="minmax")).compress.steps
+    again = resolve_config("quick", {"compress": {"steps": [s.model_dump(mode="json") for s in steps]}})
+    assert again.compress.steps == steps

@@ -8,7 +8,12 @@ import pytest
 
 from tasks.compress import compress_variants
 from tasks.config import CompressionConfig
-from tasks.mlflow_models import is_sentence_transformer, log_variant_model, signature
+from tasks.mlflow_models import (
+    is_sentence_transformer,
+    log_variant_model,
+    signature,
+    stage_pyfunc_artifacts,
+)
 from tasks.static_student import distill_static
 from tasks.variants import Variant, encode, load_model
 from tests.conftest import tiny_compress_steps, tiny_prepared
@@ -56,6 +61,17 @@ def test_each_kind_loads_back_with_the_same_vectors(every_kind: list[Variant], s
             np.testing.assert_allclose(model.encode(SENTENCES), expected, atol=1e-5, err_msg=variant.name)
         info = mlflow.models.get_model_info(by_run)
         assert info.signature.outputs.inputs[0].type == expected.dtype
+
+
+def test_int8_models_carry_the_grid_they_were_scored_with(every_kind: list[Variant], tmp_path: Path) -> None:
+    """The default calibration (symmetric) is what the logged int8 models quantize with: their ranges file
+    travels with the model (the load-back test above checks the vectors)."""
+    int8 = [v for v in every_kind if v.precision == "int8"]
+    assert len(int8) == 2  # teacher-emb-int8 and the onnx-int8 chain
+    for variant in int8:
+        assert (variant.params["calibration"], variant.params["clip_percentile"]) == ("symmetric", "0.01")
+        artifacts = stage_pyfunc_artifacts(variant, tmp_path / variant.name)
+        np.testing.assert_array_equal(np.load(artifacts["calibration"]), np.load(variant.calibration_file))
 
 
 def _float_dim(variant: Variant) -> int:

@@ -55,3 +55,27 @@ def test_encode_returns_the_promised_storage(
     )
     out = encode(load_model(variant), variant, ["one sentence", "and another one"], batch_size=8)
     assert out.dtype == dtype and out.shape == (2, width)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.01])
+def test_a_symmetric_grid_scales_and_rounds(tmp_path: Path, clip: float) -> None:
+    """quantize with symmetric ranges gives round(x / step): zero stays zero, no per-dimension shift or
+    reweighting, so int8 cosines are the float cosines up to rounding."""
+    from tasks.compress import int8_ranges
+
+    rng = np.random.default_rng(0)
+    sample = rng.normal(0, 0.1, (2_000, 16)) + np.linspace(-0.2, 0.2, 16)  # a different offset per dimension
+    ranges = int8_ranges(sample, "symmetric", clip)
+    np.save(tmp_path / "ranges.npy", ranges)
+    step = float(ranges[1, 0] - ranges[0, 0]) / 255
+    steps = rng.integers(-127, 128, (50, 16))
+    x = ((steps + rng.uniform(-0.4, 0.4, steps.shape)) * step).astype(np.float32)  # no ties at .5
+    variant = Variant(
+        "v", "embedding-quantized", tmp_path, precision="int8", calibration_file=tmp_path / "ranges.npy"
+    )
+    out = quantize(np.vstack((x, np.zeros((1, 16), np.float32))), variant)
+    np.testing.assert_array_equal(out[:-1], steps)
+    assert not out[-1].any()
+    np.testing.assert_allclose(
+        pair_similarity(out[:25], out[25:50], "int8"), pair_similarity(x[:25], x[25:], "float32"), atol=0.01
+    )
