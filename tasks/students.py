@@ -19,10 +19,12 @@ while it trains: a run killed mid-training resumes the student from its last che
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -33,10 +35,10 @@ from prefect import task
 
 from tasks.artifacts import ArtifactStore, Entry, files_fingerprint, stage_key
 from tasks.config import LightStudentSpec, StudentSpec, TrainingConfig
-from tasks.data import PreparedData, read_lines, read_sts
+from tasks.data import PreparedData, read_sts
 from tasks.models import fingerprint_model_dir, load_sentence_transformer, resolve_model_dir
 from tasks.pca import fit_pca
-from tasks.teacher_cache import CachedEmbeddings
+from tasks.teacher_cache import CachedEmbeddings, iter_lines, sentences_digest
 from tasks.tracking import ChildRuns
 from tasks.training_curves import HISTORY_FILE, MlflowCurves, log_history, read_history
 from tasks.variants import Variant
@@ -168,13 +170,47 @@ def count_teacher_layers(teacher_dir: Path) -> int:
     return int(config["num_hidden_layers"])
 
 
-def _distillation_dataset(sentences: list[str], targets: np.ndarray):
+DATASET_FILE = "distillation.arrow"
+
+Blocks = Iterable[tuple[list[str], np.ndarray]]
+
+
+def corpus_blocks(
+    corpus_file: Path, corpus_embeddings: CachedEmbeddings
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """The corpus sentences with their cached teacher embeddings, one cache shard at a time (memory-mapped
+    rows, never the whole corpus); raises ``ValueError`` when sentences and embeddings do not pair up."""
+    _, sentences = sentences_digest(iter_lines(corpus_file))
+    if sentences != corpus_embeddings.rows:
+        raise ValueError(f"corpus has {sentences} sentences but {corpus_embeddings.rows} cached embeddings")
+    lines = iter_lines(corpus_file)
+    for shard in corpus_embeddings.shards():
+        texts = list(itertools.islice(lines, len(shard)))
+        if len(texts) != len(shard):
+            raise ValueError(f"{corpus_file} changed: fewer sentences than cached embeddings")
+        yield texts, shard
+    if next(lines, None) is not None:
+        raise ValueError(f"{corpus_file} changed: more sentences than cached embeddings")
+
+
+def _distillation_dataset(blocks: Blocks, dim: int, path: Path):
+    """A ``datasets.Dataset`` of (sentence, label) rows backed by an Arrow file at ``path``, written block by
+    block and memory-mapped: the trainer reads rows from disk, no corpus-sized array is ever built. Same rows,
+    order, types and values as one in-memory table of all the blocks."""
     import pyarrow as pa
     from datasets import Dataset
 
-    flat = pa.array(np.ascontiguousarray(targets, dtype=np.float32).ravel())
-    labels = pa.FixedSizeListArray.from_arrays(flat, targets.shape[1])
-    return Dataset(pa.table({"sentence": pa.array(sentences, pa.string()), "label": labels}))
+    schema = pa.schema({"sentence": pa.string(), "label": pa.list_(pa.float32(), dim)})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for texts, targets in blocks:
+            flat = pa.array(np.ascontiguousarray(targets, dtype=np.float32).ravel())
+            labels = pa.FixedSizeListArray.from_arrays(flat, dim)
+            writer.write_batch(pa.record_batch([pa.array(texts, pa.string()), labels], schema=schema))
+    tmp.replace(path)
+    return Dataset.from_file(str(path))
 
 
 class HiddenStateMSELoss(torch.nn.Module):
@@ -323,14 +359,6 @@ def last_complete_checkpoint(checkpoints: Path) -> str | None:
     return str(complete) if complete else None
 
 
-def _targets(data: PreparedData, corpus_embeddings: CachedEmbeddings) -> tuple[list[str], np.ndarray]:
-    sentences = read_lines(data.corpus_file)
-    targets = corpus_embeddings.load()
-    if len(sentences) != targets.shape[0]:
-        raise ValueError(f"corpus has {len(sentences)} sentences but {targets.shape[0]} cached embeddings")
-    return sentences, np.asarray(targets, dtype=np.float32)
-
-
 def _losses(model: SentenceTransformer, spec_loss: str, data: PreparedData, distill: object, loss: object):
     """The distillation dataset and loss, plus CoSENT on the STS-B train pairs for ``mse+cosent``."""
     from sentence_transformers.sentence_transformer import losses
@@ -403,7 +431,6 @@ def train_layer_reduced(
         )
         reduce_layers(model, layers)
         log.info("student %s keeps teacher layers %s of %d", name, list(layers), teacher_layers)
-        sentences, targets = _targets(data, corpus_embeddings)
         if spec.loss == "mse+hidden":
             teacher = load_sentence_transformer(
                 teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code
@@ -411,11 +438,13 @@ def train_layer_reduced(
             loss: object = HiddenStateMSELoss(model, teacher, layers, training.hidden_loss_weight)
         else:
             loss = losses.MSELoss(model)
-        dataset = _distillation_dataset(sentences, targets)
+        dataset = _distillation_dataset(
+            corpus_blocks(data.corpus_file, corpus_embeddings), corpus_embeddings.dim, work_dir / DATASET_FILE
+        )
         train_dataset, loss = _losses(model, spec.loss, data, dataset, loss)
         best = _fit(model, name, train_dataset, loss, data, training, out_dir, work_dir, run_id)
         seconds = time.perf_counter() - start
-        _log_done(name, len(sentences), seconds, best)
+        _log_done(name, len(dataset), seconds, best)
         params = {
             "layers": ",".join(map(str, layers)),
             "num_layers": str(len(layers)),
@@ -423,7 +452,7 @@ def train_layer_reduced(
         }
         if spec.loss == "mse+hidden":
             params["hidden_loss_weight"] = str(training.hidden_loss_weight)
-        return _result(best, seconds, len(sentences), spec.loss, params)
+        return _result(best, seconds, len(dataset), spec.loss, params)
 
     entry = ArtifactStore(artifacts).build(STAGE, key, build, f"student {name}")
     return _stored(TrainedStudent.from_entry(name, "layer-reduced", entry, run_id))
@@ -455,6 +484,18 @@ def project_student(
     ``pca``: teacher targets reduced to the student's dimension (re-normalized when the student normalizes).
     ``dense``: a trainable Dense layer (student dim -> teacher dim) before the student's Normalize, if any.
     """
+    transform, params, pca = projection_of(model, targets, projection, seed)
+    return (transform(targets) if transform else targets), params, pca
+
+
+def projection_of(
+    model: SentenceTransformer, targets: np.ndarray, projection: str, seed: int = 42
+) -> tuple[Callable[[np.ndarray], np.ndarray] | None, dict[str, str], object | None]:
+    """What :func:`project_student` does, with the target mapping returned as a function of a block of rows
+    (None: targets unchanged), so the targets can be projected shard by shard.
+
+    ``targets`` may be a lazy view (:meth:`CachedEmbeddings.load`): only the PCA fit reads all its rows.
+    """
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize
 
     student_dim = model.get_embedding_dimension()
@@ -462,15 +503,19 @@ def project_student(
     params = {"student_dim": str(student_dim), "teacher_dim": str(teacher_dim), "projection": projection}
     if student_dim == teacher_dim:
         params["projection"] = "none"
-        return targets, params, None
+        return None, params, None
     normalizes = isinstance(model[-1], Normalize)
     if projection == "pca":
         pca = fit_pca(targets, student_dim, seed)
-        reduced = pca.transform(targets).astype(np.float32)
-        if normalizes:
-            reduced /= np.maximum(np.linalg.norm(reduced, axis=1, keepdims=True), 1e-12)
+
+        def reduce(block: np.ndarray) -> np.ndarray:
+            reduced = pca.transform(np.asarray(block, dtype=np.float32)).astype(np.float32)
+            if normalizes:
+                reduced /= np.maximum(np.linalg.norm(reduced, axis=1, keepdims=True), 1e-12)
+            return reduced
+
         params["pca_explained_variance"] = f"{pca.explained_variance_ratio_.sum():.4f}"
-        return reduced, params, pca
+        return reduce, params, pca
     torch.manual_seed(seed)
     dense = Dense(student_dim, teacher_dim, bias=True, activation_function=torch.nn.Identity())
     if normalizes:
@@ -478,7 +523,7 @@ def project_student(
     model.append(dense)
     if normalizes:
         model.append(Normalize())
-    return targets, params, None
+    return None, params, None
 
 
 def save_teacher_projection(pca: object, model_dir: Path) -> Path:
@@ -522,20 +567,25 @@ def train_light(
         model = load_sentence_transformer(
             model_dir, max_seq_length=spec.max_seq_length, trust_remote_code=spec.trust_remote_code
         )
-        sentences, targets = _targets(data, corpus_embeddings)
-        targets, params, pca = project_student(model, targets, spec.projection, training.seed)
+        transform, params, pca = projection_of(
+            model, corpus_embeddings.load(), spec.projection, training.seed
+        )
         log.info("light student %s from %s: %s", name, model_dir, params)
         loss = losses.MSELoss(model)
-        dataset = _distillation_dataset(sentences, targets)
+        blocks = corpus_blocks(data.corpus_file, corpus_embeddings)
+        if transform is not None:
+            blocks = ((texts, transform(targets)) for texts, targets in blocks)
+        dim = model.get_embedding_dimension() if transform is not None else corpus_embeddings.dim
+        dataset = _distillation_dataset(blocks, dim, work_dir / DATASET_FILE)
         train_dataset, loss = _losses(model, spec.loss, data, dataset, loss)
         params["learning_rate"] = str(training.learning_rate)
         best = _fit(model, name, train_dataset, loss, data, training, out_dir, work_dir, run_id)
         if pca is not None:
             save_teacher_projection(pca, out_dir / "model")
         seconds = time.perf_counter() - start
-        _log_done(name, len(sentences), seconds, best)
+        _log_done(name, len(dataset), seconds, best)
         params["base_model"] = spec.model
-        return _result(best, seconds, len(sentences), spec.loss, params)
+        return _result(best, seconds, len(dataset), spec.loss, params)
 
     entry = ArtifactStore(artifacts).build(STAGE, key, build, f"light student {name}")
     return _stored(TrainedStudent.from_entry(name, "light", entry, run_id))

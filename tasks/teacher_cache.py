@@ -7,17 +7,24 @@ run leaves no half-written entry. ``meta.json`` records each shard's size, sha25
 is used only after every shard checks out. A broken entry (truncated, missing, overwritten or unreadable
 shard, missing or malformed ``meta.json``) is logged, moved aside and encoded again, never used.
 Shards are read with ``allow_pickle=False``.
+
+Memory stays bounded by a shard, not the corpus: the sentence file is hashed and encoded as a stream, one
+shard at a time, and readers get the shards memory-mapped (:meth:`CachedEmbeddings.shards`) or a lazy view
+over them (:class:`ShardedEmbeddings`) whose row slices read only the shards they cover.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import logging
 import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +33,6 @@ import numpy as np
 from prefect import task
 from tqdm.auto import tqdm
 
-from tasks.data import read_lines
 from tasks.files import file_sha256
 from tasks.models import fingerprint_model_dir, load_sentence_transformer
 
@@ -69,16 +75,142 @@ class CachedEmbeddings:
     sentences_encoded: int
     seconds: float
 
-    def load(self, mmap: bool = True) -> np.ndarray:
+    def load(self, mmap: bool = True) -> np.ndarray | ShardedEmbeddings:
+        """All rows, lazily: the memory-mapped array of a single shard, else a :class:`ShardedEmbeddings`
+        view (``load()[:rows]`` reads only the first shards; ``np.asarray(load())`` reads them all)."""
         return load_embeddings(self.path, mmap=mmap)
 
+    def shards(self, mmap: bool = True) -> Iterator[np.ndarray]:
+        """The entry's shards in row order, each memory-mapped (checked against ``meta.json``) when opened."""
+        return iter_shards(self.path, mmap=mmap)
 
-def cache_key(teacher_fingerprint: str, sentences: list[str], dtype: str) -> str:
-    sentences_hash = hashlib.sha256("\n".join(sentences).encode("utf-8")).hexdigest()
+
+class ShardedEmbeddings:
+    """A read-only (rows, dim) view over an entry's shards, opened memory-mapped.
+
+    Indexing with rows (an int, a slice, an index array or a boolean mask, optionally followed by column
+    indices) returns an ndarray read from the shards those rows are in; ``np.asarray(view)`` concatenates
+    every shard (the whole corpus in memory: for callers that really need all rows at once).
+    """
+
+    def __init__(self, shards: list[np.ndarray]) -> None:
+        if not shards:
+            raise ValueError("a sharded view needs at least one shard")
+        self._shards = shards
+        self._offsets = list(itertools.accumulate((len(shard) for shard in shards), initial=0))
+        self.dtype = shards[0].dtype
+        self.shape = (self._offsets[-1], shards[0].shape[1])
+        self.ndim = 2
+
+    @property
+    def shards(self) -> list[np.ndarray]:
+        return list(self._shards)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(shard.nbytes for shard in self._shards)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"ShardedEmbeddings(shape={self.shape}, dtype={self.dtype}, shards={len(self._shards)})"
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = np.concatenate(self._shards)
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def astype(self, dtype, copy: bool = True) -> np.ndarray:
+        return np.asarray(self).astype(dtype, copy=copy)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for shard in self._shards:
+            yield from shard
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            if not key:
+                return np.asarray(self)
+            rows = self[key[0]]
+            return rows[key[1:]] if np.ndim(rows) == 1 else rows[(slice(None), *key[1:])]
+        if isinstance(key, (int, np.integer)):
+            index = int(key) + len(self) if key < 0 else int(key)
+            if not 0 <= index < len(self):
+                raise IndexError(f"row {key} is out of range for {len(self)} rows")
+            shard = bisect.bisect_right(self._offsets, index) - 1
+            return self._shards[shard][index - self._offsets[shard]]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                return self[np.arange(start, stop, step)]
+            return self._rows(start, max(start, stop))
+        if key is Ellipsis:
+            return np.asarray(self)
+        index = np.asarray(key)
+        if index.dtype == bool:
+            if index.shape != (len(self),):
+                raise IndexError(f"a boolean row mask must have {len(self)} entries, got {index.shape}")
+            index = np.flatnonzero(index)
+        if not np.issubdtype(index.dtype, np.integer) or index.ndim != 1:
+            raise IndexError(
+                f"rows must be an int, a slice, a 1-d index array or a boolean mask, not {key!r}"
+            )
+        index = np.where(index < 0, index + len(self), index)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"row indices out of range for {len(self)} rows")
+        shard_of = np.searchsorted(self._offsets, index, side="right") - 1
+        out = np.empty((index.size, self.shape[1]), dtype=self.dtype)
+        for shard in np.unique(shard_of):
+            chosen = shard_of == shard
+            out[chosen] = self._shards[shard][index[chosen] - self._offsets[shard]]
+        return out
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop``: a view of one shard when they lie in one, else a copy of just those rows."""
+        first = bisect.bisect_right(self._offsets, start) - 1 if start < len(self) else len(self._shards) - 1
+        parts = []
+        for shard in range(first, len(self._shards)):
+            lo, hi = self._offsets[shard], self._offsets[shard + 1]
+            if lo >= stop:
+                break
+            parts.append(self._shards[shard][max(start, lo) - lo : min(stop, hi) - lo])
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return self._shards[0][0:0]
+        return np.concatenate(parts)
+
+
+def iter_lines(path: Path) -> Iterator[str]:
+    """The non-empty lines of a UTF-8 text file, streamed; the same list as ``tasks.data.read_lines``."""
+    with open(path, encoding="utf-8") as handle:  # universal newlines, as Path.read_text
+        for line in handle:
+            line = line[:-1] if line.endswith("\n") else line
+            if line:
+                yield line
+
+
+def sentences_digest(sentences: Iterable[str]) -> tuple[str, int]:
+    """sha256 of the sentences joined by newlines, and their count, without holding them all."""
+    digest = hashlib.sha256()
+    count = 0
+    for sentence in sentences:
+        if count:
+            digest.update(b"\n")
+        digest.update(sentence.encode("utf-8"))
+        count += 1
+    return digest.hexdigest(), count
+
+
+def _key(teacher_fingerprint: str, sentences_hash: str, dtype: str) -> str:
     payload = json.dumps(
         {"format": CACHE_FORMAT, "teacher": teacher_fingerprint, "sentences": sentences_hash, "dtype": dtype}
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+def cache_key(teacher_fingerprint: str, sentences: Iterable[str], dtype: str) -> str:
+    return _key(teacher_fingerprint, sentences_digest(sentences)[0], dtype)
 
 
 def read_meta(entry: Path) -> dict[str, Any]:
@@ -177,15 +309,14 @@ def _open_shard(entry: Path, name: str, info: dict[str, Any], mmap: bool) -> np.
     return array
 
 
-def load_embeddings(entry: Path, mmap: bool = True, verify: bool = False) -> np.ndarray:
-    """The entry's embeddings as one (rows, dim) array, memory-mapped when it is a single shard.
+def iter_shards(entry: Path, mmap: bool = True, verify: bool = False) -> Iterator[np.ndarray]:
+    """The entry's shards in row order, each opened (memory-mapped by default) only when reached.
 
-    Checks ``meta.json`` and each shard's size, shape and dtype; ``verify=True`` also hashes every shard.
-    Raises :class:`CacheEntryError` (a ``ValueError`` naming the entry) on a broken entry.
+    Checks ``meta.json`` first and each shard's size, shape and dtype as it is opened; ``verify=True`` also
+    hashes every shard first. Raises :class:`CacheEntryError` (a ``ValueError`` naming the entry).
     """
     entry = Path(entry)
     meta = verify_entry(entry) if verify else read_meta(entry)
-    shards = []
     for name, info in zip(meta["shards"], meta["shard_info"], strict=True):
         try:
             size = (entry / name).stat().st_size
@@ -193,10 +324,22 @@ def load_embeddings(entry: Path, mmap: bool = True, verify: bool = False) -> np.
             raise CacheEntryError(entry, f"{name} is missing") from None
         if size != info["bytes"]:
             raise CacheEntryError(entry, f"{name} is {size} bytes, meta.json says {info['bytes']}")
-        shards.append(_open_shard(entry, name, info, mmap))
+        yield _open_shard(entry, name, info, mmap)
+
+
+def load_embeddings(entry: Path, mmap: bool = True, verify: bool = False) -> np.ndarray | ShardedEmbeddings:
+    """The entry's embeddings as one (rows, dim) array-like, without reading the shards into memory.
+
+    One shard: the memory-mapped array itself. Several: a :class:`ShardedEmbeddings` view over the
+    memory-mapped shards (row slices read only the shards they cover; ``np.asarray`` concatenates them).
+    Every shard is checked (size, shape, dtype) on opening; ``verify=True`` also hashes each. Raises
+    :class:`CacheEntryError` (a ``ValueError`` naming the entry) on a broken entry.
+    """
+    entry = Path(entry)
+    shards = list(iter_shards(entry, mmap=mmap, verify=verify))
     if not shards:
-        return np.empty((0, meta["dim"]), dtype=meta["dtype"])
-    return shards[0] if len(shards) == 1 else np.concatenate(shards)
+        return np.empty((0, read_meta(entry)["dim"]), dtype=read_meta(entry)["dtype"])
+    return shards[0] if len(shards) == 1 else ShardedEmbeddings(shards)
 
 
 def check_entry(entry: Path, rows: int, dtype: str) -> dict[str, Any]:
@@ -276,15 +419,17 @@ def get_or_encode(
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: the teacher cache stores float32 or float16")
     start = time.perf_counter()
-    sentences = read_lines(sentences_file)
-    key = cache_key(fingerprint_model_dir(Path(teacher_dir), max_seq_length), sentences, dtype)
+    # Two streamed passes over the file (hash and count, then encode on a miss): memory stays bounded by a
+    # shard however long the corpus is.
+    sentences_hash, rows = sentences_digest(iter_lines(sentences_file))
+    key = _key(fingerprint_model_dir(Path(teacher_dir), max_seq_length), sentences_hash, dtype)
     entry = Path(cache_dir) / key
-    meta = _verified_hit(entry, len(sentences), dtype)
+    meta = _verified_hit(entry, rows, dtype)
     if meta is not None:
         log.info("teacher cache hit %s: %d x %d embeddings, nothing encoded", key, meta["rows"], meta["dim"])
         return CachedEmbeddings(entry, key, meta["rows"], meta["dim"], dtype, 0, time.perf_counter() - start)
 
-    log.info("teacher cache miss %s: encoding %d sentences with %s", key, len(sentences), teacher_dir)
+    log.info("teacher cache miss %s: encoding %d sentences with %s", key, rows, teacher_dir)
     model = load_sentence_transformer(
         teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code
     )
@@ -294,9 +439,13 @@ def get_or_encode(
         shards: list[str] = []
         shard_info: list[dict[str, Any]] = []
         dim = 0
-        with tqdm(total=len(sentences), desc="teacher embeddings", unit="sent") as bar:
-            for index, offset in enumerate(range(0, len(sentences), SHARD_ROWS)):
-                chunk = sentences[offset : offset + SHARD_ROWS]
+        encoded = 0
+        lines = iter_lines(sentences_file)
+        with tqdm(total=rows, desc="teacher embeddings", unit="sent") as bar:
+            for index in itertools.count():
+                chunk = list(itertools.islice(lines, SHARD_ROWS))
+                if not chunk:
+                    break
                 parts = []
                 for block in range(0, len(chunk), PROGRESS_ROWS):
                     texts = chunk[block : block + PROGRESS_ROWS]
@@ -304,7 +453,9 @@ def get_or_encode(
                     parts.append(emb.astype(dtype))
                     bar.update(len(texts))
                 emb = np.concatenate(parts)
+                del parts
                 dim = emb.shape[1]
+                encoded += len(chunk)
                 name = f"shard-{index:05d}.npy"
                 np.save(tmp / name, emb, allow_pickle=False)
                 shards.append(name)
@@ -316,9 +467,14 @@ def get_or_encode(
                         "dtype": str(emb.dtype),
                     }
                 )
+                del emb, chunk
+        if encoded != rows:  # the file changed between the two passes
+            raise RuntimeError(
+                f"{sentences_file} changed while it was encoded ({rows} then {encoded} sentences)"
+            )
         meta = {
             "format": CACHE_FORMAT,
-            "rows": len(sentences),
+            "rows": rows,
             "dim": dim,
             "dtype": dtype,
             "shards": shards,
@@ -326,17 +482,12 @@ def get_or_encode(
             "teacher": str(teacher_dir),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _publish(tmp, entry, len(sentences), dtype)
+        _publish(tmp, entry, rows, dtype)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
-    log.info(
-        "teacher encoded %d sentences in %.1f s (%.0f sents/s)",
-        len(sentences),
-        seconds,
-        len(sentences) / seconds,
-    )
-    return CachedEmbeddings(entry, key, len(sentences), dim, dtype, len(sentences), seconds)
+    log.info("teacher encoded %d sentences in %.1f s (%.0f sents/s)", rows, seconds, rows / seconds)
+    return CachedEmbeddings(entry, key, rows, dim, dtype, rows, seconds)
 
 
 def _publish(tmp: Path, entry: Path, rows: int, dtype: str) -> None:

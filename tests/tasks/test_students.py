@@ -261,3 +261,37 @@ def test_resume_skips_a_checkpoint_a_kill_left_half_written(tmp_path: Path) -> N
     assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-10", "checkpoint-20"]
     assert last_complete_checkpoint(tmp_path / "none") is None
+
+
+def test_training_rows_stream_from_the_shards_into_a_memory_mapped_table(
+    monkeypatch, tiny_model_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    import pyarrow as pa
+    from datasets import Dataset
+
+    from tasks import teacher_cache
+    from tasks.data import read_lines
+    from tasks.students import _distillation_dataset, corpus_blocks
+
+    monkeypatch.setattr(teacher_cache, "SHARD_ROWS", 25)  # 96 sentences: 4 shards
+    data = _small_data(data_dir, tmp_path)
+    corpus = get_or_encode(tiny_model_dir, data.corpus_file, tmp_path / "cache")
+    blocks = list(corpus_blocks(data.corpus_file, corpus))
+    assert [len(texts) for texts, _ in blocks] == [25, 25, 25, 21]
+    assert all(isinstance(targets, np.memmap) and len(targets) == len(texts) for texts, targets in blocks)
+
+    dataset = _distillation_dataset(iter(blocks), corpus.dim, tmp_path / "work" / "train.arrow")
+    assert dataset.cache_files and dataset.cache_files[0]["filename"] == str(
+        tmp_path / "work" / "train.arrow"
+    )
+    # what one in-memory table of the whole corpus gave: same rows, order, features and values
+    targets = np.concatenate([np.asarray(t) for _, t in blocks])
+    labels = pa.FixedSizeListArray.from_arrays(pa.array(targets.ravel()), targets.shape[1])
+    whole = Dataset(pa.table({"sentence": read_lines(data.corpus_file), "label": labels}))
+    assert dataset.features == whole.features and len(dataset) == 96
+    assert dataset[:] == whole[:]
+
+    shorter = tmp_path / "shorter.txt"
+    shorter.write_text("\n".join(read_lines(data.corpus_file)[:-1]) + "\n")
+    with pytest.raises(ValueError, match="corpus has 95 sentences but 96 cached embeddings"):
+        next(corpus_blocks(shorter, corpus))

@@ -285,3 +285,98 @@ def test_publish_replaces_a_broken_entry_another_run_left(
     assert again.sentences_encoded == 37 and len(calls) == 2
     np.testing.assert_allclose(again.load(), expected, rtol=1e-6, atol=1e-6)
     assert [p.name for p in cache.iterdir()] == [first.key]
+
+
+# --- memory: streamed sentences, memory-mapped shards, a lazy view over several ---------------------------
+
+
+def test_sentences_are_streamed_with_the_key_of_the_whole_list(tmp_path: Path) -> None:
+    from tasks.data import read_lines
+
+    path = tmp_path / "mixed.txt"
+    path.write_bytes("first one\r\n\nsecond\rthird, ünïcode\n\n\nlast without newline".encode())
+    assert list(teacher_cache.iter_lines(path)) == read_lines(path)
+    sentences = read_lines(path)
+    assert teacher_cache.sentences_digest(iter(sentences)) == (
+        hashlib.sha256("\n".join(sentences).encode()).hexdigest(),
+        4,
+    )
+    assert cache_key("t", iter(sentences), "float32") == cache_key("t", sentences, "float32")
+
+
+@pytest.mark.usefixtures("small_shards")
+def test_encoding_never_holds_the_sentence_list(
+    monkeypatch, tiny_model_dir, sentences_file, tmp_path
+) -> None:
+    from tasks.data import read_lines
+
+    expected_key = cache_key(
+        teacher_cache.fingerprint_model_dir(tiny_model_dir, None), read_lines(sentences_file), "float32"
+    )
+    real_read_text, real_read_bytes = Path.read_text, Path.read_bytes
+
+    def not_the_corpus(real):
+        def read(self, *args, **kwargs):
+            assert self != sentences_file, "the sentence file was read whole"
+            return real(self, *args, **kwargs)
+
+        return read
+
+    monkeypatch.setattr(Path, "read_text", not_the_corpus(real_read_text))
+    monkeypatch.setattr(Path, "read_bytes", not_the_corpus(real_read_bytes))
+    encoded: list[int] = []
+    real_load = teacher_cache.load_sentence_transformer
+
+    def counting_model(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        real_encode = model.encode
+        monkeypatch.setattr(
+            model, "encode", lambda texts, **kw: encoded.append(len(texts)) or real_encode(texts, **kw)
+        )
+        return model
+
+    monkeypatch.setattr(teacher_cache, "load_sentence_transformer", counting_model)
+    entry = get_or_encode(tiny_model_dir, sentences_file, tmp_path / "cache")
+    assert entry.key == expected_key  # entries written before streaming stay hits
+    assert max(encoded) <= 10 and sum(encoded) == 37  # one shard at a time
+    assert get_or_encode(tiny_model_dir, sentences_file, tmp_path / "cache").sentences_encoded == 0
+
+
+@pytest.mark.usefixtures("small_shards")
+def test_several_shards_load_as_a_lazy_view(tiny_model_dir, sentences_file, tmp_path) -> None:
+    entry = get_or_encode(tiny_model_dir, sentences_file, tmp_path / "cache")
+    view = entry.load()
+    assert isinstance(view, teacher_cache.ShardedEmbeddings)
+    shards = list(entry.shards())
+    assert [len(s) for s in shards] == [10, 10, 10, 7] and all(isinstance(s, np.memmap) for s in shards)
+    whole = np.concatenate(shards)
+    assert view.shape == (37, 32) and len(view) == 37 and view.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(view), whole)
+    np.testing.assert_array_equal(np.asarray(view, dtype=np.float64), whole.astype(np.float64))
+    prefix = view[:8]  # inside the first shard: a view of its memory map, no copy
+    assert isinstance(prefix, np.memmap) and np.shares_memory(prefix, view.shards[0])
+    index = np.array([36, 0, 15, 15, -1, 9, 10])
+    mask = np.zeros(37, dtype=bool)
+    mask[[3, 12, 30]] = True
+    for key in (
+        slice(None),
+        slice(5, 25),
+        slice(8, 12),
+        slice(30, 100),
+        slice(36, 36),
+        slice(None, None, 3),
+        slice(None, None, -1),
+        index,
+        list(index),
+        mask,
+        (slice(2, 14), 0),
+        (slice(2, 14), slice(4, 8)),
+        (11, slice(None, 4)),
+        7,
+        -2,
+    ):
+        np.testing.assert_array_equal(view[key], whole[key])
+    with pytest.raises(IndexError):
+        view[37]
+    with pytest.raises(IndexError):
+        view[np.array([0, 40])]
