@@ -36,7 +36,7 @@ from tasks.artifacts import stage_key
 from tasks.config import DistillConfig
 from tasks.files import file_sha256
 from tasks.models import ModelReferenceError, resolve_model_dir
-from tasks.variants import Kind, Precision, Variant, runtime_spec, variant_files
+from tasks.variants import Kind, Precision, Variant, runtime_spec, variant_files, variant_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -299,16 +299,16 @@ def _pyfunc_variant(ref: ModelRef, folder: Path, artifacts: dict[str, Any], name
             f"{list(_BACKENDS)} / {list(get_args(Precision))}"
         )
     calibration = artifacts.get("calibration")
-    return Variant(
-        name,
-        spec.get("kind") if spec.get("kind") in get_args(Kind) else "quantized",
-        folder / artifacts["model"]["path"],
-        backend=backend,
-        model_file=spec.get("model_file"),
-        precision=precision,
-        calibration_file=folder / calibration["path"] if calibration else None,
-        int8_exclude=tuple(spec.get("int8_exclude") or ()),
-        int8_per_channel=bool(spec.get("int8_per_channel", True)),
+    spec = {
+        "int8_exclude": [],
+        "int8_per_channel": True,
+        "model_file": None,
+        **spec,
+        "name": name,
+        "kind": spec.get("kind") if spec.get("kind") in get_args(Kind) else "quantized",
+    }
+    return variant_from_spec(
+        spec, folder / artifacts["model"]["path"], folder / calibration["path"] if calibration else None
     )
 
 

@@ -25,20 +25,12 @@ class VariantModel(mlflow.pyfunc.PythonModel):
     them: float32, int8 (calibrated ranges) or packed bits (uint8)."""
 
     def load_context(self, context: Any) -> None:
-        from tasks.variants import Variant, load_model
+        from tasks.variants import load_model, variant_from_spec
 
         spec = json.loads(Path(context.artifacts["variant"]).read_text(encoding="utf-8"))
         calibration = context.artifacts.get("calibration")
-        self.variant = Variant(
-            spec["name"],
-            spec["kind"],
-            Path(context.artifacts["model"]),
-            backend=spec["backend"],
-            model_file=spec["model_file"],
-            precision=spec["precision"],
-            calibration_file=Path(calibration) if calibration else None,
-            int8_exclude=tuple(spec["int8_exclude"]),
-            int8_per_channel=spec["int8_per_channel"],
+        self.variant = variant_from_spec(
+            spec, Path(context.artifacts["model"]), Path(calibration) if calibration else None
         )
         self.model = load_model(self.variant)
 

@@ -187,6 +187,21 @@ def variant_files(variant: Variant) -> list[Path]:
     return needed
 
 
+def variant_from_spec(spec: dict, model_dir: Path, calibration_file: Path | None = None) -> Variant:
+    """The variant a :func:`runtime_spec` describes, running the files in ``model_dir``."""
+    return Variant(
+        spec["name"],
+        spec["kind"],
+        Path(model_dir),
+        backend=spec["backend"],
+        model_file=spec["model_file"],
+        precision=spec["precision"],
+        calibration_file=calibration_file,
+        int8_exclude=tuple(spec["int8_exclude"]),
+        int8_per_channel=spec["int8_per_channel"],
+    )
+
+
 def runtime_spec(variant: Variant) -> dict[str, object]:
     """How to run the variant's files (the fields :func:`load_model` and :func:`encode` read), as JSON."""
     return {
