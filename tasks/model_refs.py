@@ -171,9 +171,7 @@ def _check_run(text: str, uri: str, field: str, client: MlflowClient) -> ModelRe
         run = client.get_run(match["run"])
     except MlflowException:
         raise ModelRefError(f"{field}: no MLflow run {match['run']} in this tracking store") from None
-    models = client.search_logged_models(
-        experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{match['run']}'"
-    )
+    models = _logged_models(client, run.info.experiment_id, match["run"])
     if match["path"].strip("/") not in {m.name for m in models}:
         names = ", ".join(sorted({m.name for m in models})) or "none"
         raise ModelRefError(
@@ -254,14 +252,18 @@ def _model_id(ref: ModelRef, client: MlflowClient) -> str:
         return f"{match['name']}-v{version.version}"
     run = _RUNS_URI.match(ref.uri)
     assert run is not None
-    run_info = client.get_run(run["run"]).info
-    models = client.search_logged_models(
-        experiment_ids=[run_info.experiment_id], filter_string=f"source_run_id = '{run['run']}'"
-    )
+    models = _logged_models(client, client.get_run(run["run"]).info.experiment_id, run["run"])
     named = sorted(
         (m for m in models if m.name == run["path"].strip("/")), key=lambda m: m.creation_timestamp
     )
     return named[-1].model_id if named else hashlib.sha256(ref.uri.encode()).hexdigest()[:16]
+
+
+def _logged_models(client: MlflowClient, experiment_id: str, run_id: str) -> list:
+    """The MLflow models run ``run_id`` logged."""
+    return client.search_logged_models(
+        experiment_ids=[experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    )
 
 
 def _mlflow_variant(ref: ModelRef, folder: Path) -> tuple[Variant, str | None]:
