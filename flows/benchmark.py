@@ -26,7 +26,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.teacher_cache import teacher_cache_dir, teacher_embeddings
+from flows.teacher_cache import embed_with_teacher
 from tasks.benchmark import (
     QualityResult,
     SpeedResult,
@@ -37,6 +37,7 @@ from tasks.benchmark import (
 )
 from tasks.config import BenchmarkConfig, DistillConfig, ProfileName, form_overrides, resolve_form
 from tasks.data import PreparedData, check_data, prepare_data
+from tasks.devices import resolve_device
 from tasks.model_refs import (
     ModelRef,
     check_model_refs,
@@ -62,13 +63,15 @@ def measure_variants(
     heldout_teacher: CachedEmbeddings,
     benchmark: BenchmarkConfig,
     artifacts: Path,
+    device: str = "cpu",
 ) -> tuple[list[QualityResult], SpeedResult]:
     """Quality of every variant (one encoding per network, stored by content key), then speed, timed side
-    by side after everything else so that nothing else runs meanwhile."""
+    by side after everything else so that nothing else runs meanwhile; both on ``device`` where each
+    variant's runtime runs there."""
     quality = evaluate_all(
-        variants, data, heldout_teacher, benchmark.batch_size, evaluate_group_task, artifacts
+        variants, data, heldout_teacher, benchmark.batch_size, evaluate_group_task, artifacts, device
     )
-    speed = measure_throughput_task(variants, data, benchmark)
+    speed = measure_throughput_task(variants, data, benchmark, device)
     return quality, speed
 
 
@@ -130,26 +133,24 @@ def benchmark_models(
     )
     started = time.perf_counter()
     teacher_dir, refs = check_benchmark_inputs(config, list(models or ["champion"]))
+    device = resolve_device(config.device)
     data = prepare_data(config.data, config.work_dir)
     experiment_id = setup_experiment(config)
     run_name = f"benchmark-{config.profile}-{flow_run.get_name() or 'local'}"
     tags = flow_run_tags(config, "benchmark") | machine_tags(config.benchmark.threads)
     with parent_run(config, experiment_id, run_name, tags) as run_id:
         teacher_key = fingerprint_model_dir(teacher_dir, config.teacher.max_seq_length)
-        heldout = teacher_embeddings(
-            teacher_dir,
-            {"heldout": data.heldout_file},
-            config.teacher,
-            teacher_cache_dir(config),
-            config.benchmark.batch_size,
-        )["heldout"]
+        heldout = embed_with_teacher(config, teacher_dir, {"heldout": data.heldout_file}, device)["heldout"]
         work = Path(config.work_dir)
         fetched = fetch_models(refs, work / "benchmark-models")
         teacher = Variant(
             "teacher", "teacher", teacher_dir, params={"model": config.teacher.model}, key=teacher_key
         )
         variants = [teacher, *fetched]
-        quality, speed = measure_variants(variants, data, heldout, config.benchmark, work / "artifacts")
+        quality, speed = measure_variants(
+            variants, data, heldout, config.benchmark, work / "artifacts", device
+        )
+        mlflow.log_params({"benchmark.device_used": speed.label("teacher")})
         table = with_sources(build_table(variants, quality, speed), variants, data, teacher_key)
         files = write_report(
             table, work / "runs" / run_id / "report", speed, artifact_key="benchmark-tradeoff"

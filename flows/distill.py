@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.benchmark import measure_variants
-from flows.teacher_cache import teacher_cache_dir, teacher_embeddings
+from flows.teacher_cache import embed_with_teacher
 from tasks.benchmark import machine_tags
 from tasks.compress import StepFailure, compress_variants, run_step_as_task
 from tasks.config import (
@@ -92,9 +92,7 @@ def distill(
         teacher_key = fingerprint_model_dir(plan.teacher_dir, config.teacher.max_seq_length)
         runs = ChildRuns(experiment_id, run_id, run_name, run_context(config, data, teacher_key, tags))
         files = {"corpus": data.corpus_file, "heldout": data.heldout_file}
-        cached = teacher_embeddings(
-            plan.teacher_dir, files, config.teacher, teacher_cache_dir(config), config.benchmark.batch_size
-        )
+        cached = embed_with_teacher(config, plan.teacher_dir, files, plan.device)
         corpus_emb, heldout_emb = cached["corpus"], cached["heldout"]
         mlflow.log_metrics(
             {
@@ -114,13 +112,17 @@ def distill(
         # inputs; runs/<run id>/ holds only this run's report.
         artifacts = Path(config.work_dir) / "artifacts"
         run_dir = Path(config.work_dir) / "runs" / run_id
-        students = train_students(plan.teacher_dir, config, data, corpus_emb, artifacts, runs)
+        students = train_students(plan.teacher_dir, config, data, corpus_emb, artifacts, runs, plan.device)
         teacher = Variant(
             "teacher", "teacher", plan.teacher_dir, params={"model": config.teacher.model}, key=teacher_key
         )
         bases = [teacher] + [s.as_variant() for s in students]
-        variants, failed_steps = compress_stage(bases, students, config, data, corpus_emb, artifacts)
-        quality, speed = measure_variants(variants, data, heldout_emb, config.benchmark, artifacts)
+        variants, failed_steps = compress_stage(
+            bases, students, config, data, corpus_emb, artifacts, plan.device
+        )
+        quality, speed = measure_variants(
+            variants, data, heldout_emb, config.benchmark, artifacts, plan.device
+        )
         mlflow.log_metrics(
             {
                 # rows whose model came from an earlier run's stored output (derived rows without files of
@@ -138,7 +140,7 @@ def distill(
             run_dir / "cards",
             teacher=config.teacher.model,
             corpus=corpus_description(config.data),
-            cpu=speed.cpu,
+            cpu=speed.label(teacher.name),  # students run where the teacher ran
             threads=speed.threads,
         )
         open_runs = {s.name: s.run_id for s in students if s.run_id}
@@ -156,7 +158,13 @@ def distill(
             run_id,
         )
         publish_summary(table, champion, run_url(experiment_id, run_id))
-        mlflow.log_params({"benchmark.cpu": speed.cpu, "benchmark.threads_used": speed.threads})
+        mlflow.log_params(
+            {
+                "benchmark.cpu": speed.cpu,
+                "benchmark.threads_used": speed.threads,
+                "benchmark.device_used": speed.label(teacher.name),
+            }
+        )
         mlflow.log_metric("flow_seconds", time.perf_counter() - started)
 
     print(f"Trade-off table (MLflow run {run_id}, experiment {config.tracking.experiment}):")
@@ -178,6 +186,7 @@ def train_students(
     corpus_emb: CachedEmbeddings,
     artifacts: Path,
     runs: ChildRuns,
+    device: str = "cpu",
 ) -> list[TrainedStudent]:
     """Layer-reduced students (the teacher with layers removed), then light pretrained students; each one
     stored by content key and reused by any later run with the same inputs."""
@@ -192,11 +201,12 @@ def train_students(
             max_seq_length=config.teacher.max_seq_length,
             trust_remote_code=config.teacher.trust_remote_code,
             runs=runs,
+            device=device,
         )
         for spec in config.students
     ]
     return students + [
-        train_light_student(spec, data, corpus_emb, config.training, artifacts, runs=runs)
+        train_light_student(spec, data, corpus_emb, config.training, artifacts, runs=runs, device=device)
         for spec in config.light_students
     ]
 
@@ -209,16 +219,18 @@ def compress_stage(
     data: PreparedData,
     corpus_emb: CachedEmbeddings,
     artifacts: Path,
+    device: str = "cpu",
 ) -> tuple[list[Variant], list[StepFailure]]:
     """Static students distilled from the chosen sources, then every compress step (PCA, int8 models, int8
     and binary vectors, chains); a step that fails becomes a failed row, not a failed run."""
     sources = static_sources(config.static.sources, bases, students)
     bases = bases + [
-        distill_static_task(source, artifacts, config.static.pca_dims).as_variant() for source in sources
+        distill_static_task(source, artifacts, config.static.pca_dims, device=device).as_variant()
+        for source in sources
     ]
     compress = config.compress.with_targets(lambda names: resolve_names(names, students))
     compressed, failed_steps = compress_variants(
-        bases, compress, data, corpus_emb, artifacts, run_step=run_step_as_task
+        bases, compress, data, corpus_emb, artifacts, run_step=run_step_as_task, device=device
     )
     return bases + compressed, failed_steps
 

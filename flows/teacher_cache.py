@@ -41,6 +41,7 @@ def teacher_embeddings(
     teacher: TeacherConfig,
     cache_dir: Path,
     batch_size: int,
+    device: str = "cpu",
 ) -> dict[str, CachedEmbeddings]:
     """The teacher's embeddings of each sentence file, from the cache or encoded into it."""
     return {
@@ -51,9 +52,19 @@ def teacher_embeddings(
             batch_size=batch_size,
             max_seq_length=teacher.max_seq_length,
             trust_remote_code=teacher.trust_remote_code,
+            device=device,
         )
         for name, file in sentence_files.items()
     }
+
+
+def embed_with_teacher(
+    config: DistillConfig, teacher_dir: Path, files: dict[str, Path], device: str
+) -> dict[str, CachedEmbeddings]:
+    """:func:`teacher_embeddings` with the config's cache folder, teacher settings and batch size."""
+    return teacher_embeddings(
+        teacher_dir, files, config.teacher, teacher_cache_dir(config), config.benchmark.batch_size, device
+    )
 
 
 @flow(name="warm-teacher-cache", log_prints=True, validate_parameters=False, **FLOW_HOOKS)
@@ -97,9 +108,7 @@ def warm_teacher_cache(
     tags = flow_run_tags(config, "warm-cache") | machine_tags()
     with parent_run(config, experiment_id, run_name, tags) as run_id:
         files = {"corpus": data.corpus_file, "heldout": data.heldout_file}
-        entries = teacher_embeddings(
-            plan.teacher_dir, files, config.teacher, teacher_cache_dir(config), config.benchmark.batch_size
-        )
+        entries = embed_with_teacher(config, plan.teacher_dir, files, plan.device)
         encoded = sum(e.sentences_encoded for e in entries.values())
         seconds = sum(e.seconds for e in entries.values() if e.sentences_encoded)
         mlflow.log_metrics(

@@ -19,12 +19,11 @@ an unchanged model is not scored again by a later run. Speed is always measured 
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from tasks.artifacts import ArtifactStore, stage_key
 from tasks.config import BenchmarkConfig
 from tasks.data import PreparedData, StsPairs, read_lines, read_sts
+from tasks.devices import cpu_name, device_label, runs_on
 from tasks.models import load_sentence_transformer
 from tasks.teacher_cache import CachedEmbeddings
 from tasks.variants import (
@@ -101,12 +101,17 @@ def agreement_spearman(teacher: np.ndarray, vectors: np.ndarray, precision: Prec
 
 
 def evaluate_group(
-    variants: list[Variant], data: PreparedData, heldout_teacher: CachedEmbeddings, batch_size: int = 64
+    variants: list[Variant],
+    data: PreparedData,
+    heldout_teacher: CachedEmbeddings,
+    batch_size: int = 64,
+    device: str = "cpu",
 ) -> list[QualityResult]:
-    """Quality of variants that share one network (one encoding of all evaluation sentences)."""
+    """Quality of variants that share one network (one encoding of all evaluation sentences, on ``device``
+    where the variant's runtime can run there)."""
     if len({encoder_key(v) for v in variants}) != 1:
         raise ValueError("evaluate_group takes variants of one network only")
-    model = load_model(variants[0])
+    model = load_model(variants[0], device)
     sets = {f"sts_{split}": read_sts(data.sts_file(split)) for split in ("dev", "test")}
     suites = {name: read_sts(data.suite_file(name)) for name in data.heldout_suites}
     heldout = read_lines(data.heldout_file)
@@ -186,10 +191,14 @@ def _openvino_parameters(variant: Variant) -> int:
 
 @task(name="evaluate-quality")
 def evaluate_group_task(
-    variants: list[Variant], data: PreparedData, heldout_teacher: CachedEmbeddings, batch_size: int = 64
+    variants: list[Variant],
+    data: PreparedData,
+    heldout_teacher: CachedEmbeddings,
+    batch_size: int = 64,
+    device: str = "cpu",
 ) -> list[QualityResult]:
     """STS-B and held-out Spearman, MSE to the teacher, dimension and size of variants of one network."""
-    return evaluate_group(variants, data, heldout_teacher, batch_size)
+    return evaluate_group(variants, data, heldout_teacher, batch_size, device)
 
 
 def quality_key(
@@ -212,6 +221,7 @@ def evaluate_all(
     batch_size: int = 64,
     evaluate: Callable[..., list[QualityResult]] = evaluate_group,
     artifacts: Path | None = None,
+    device: str = "cpu",
 ) -> list[QualityResult]:
     """Quality of every variant, in variant order; one ``evaluate`` call per network (the flow: the task).
 
@@ -233,7 +243,7 @@ def evaluate_all(
                     by_name[variant.name] = QualityResult(**entry.result)
                 continue
         for variant, key, result in zip(
-            group, keys, evaluate(group, data, heldout_teacher, batch_size), strict=True
+            group, keys, evaluate(group, data, heldout_teacher, batch_size, device), strict=True
         ):
             by_name[variant.name] = result
             if store is not None and key:
@@ -243,16 +253,47 @@ def evaluate_all(
 
 @dataclass(frozen=True)
 class SpeedResult:
+    """Sentences/s per variant, timed side by side. ``devices`` says where each was timed (``cpu`` /
+    ``cuda``); ``reference`` maps each device to the row its speed-ups are taken against: the teacher, or
+    ``teacher@cpu`` for CPU-only runtimes when the teacher itself was timed on a GPU."""
+
     sentences_per_second: dict[str, float]
     all_timings_s: dict[str, list[float]]
     sentences: int
     batch_size: int
     threads: int
     cpu: str
+    devices: dict[str, str] = field(default_factory=dict)
+    device_labels: dict[str, str] = field(default_factory=dict)
+    reference: dict[str, str] = field(default_factory=dict)
+
+    def device_of(self, name: str) -> str:
+        return self.devices.get(name, "cpu")
+
+    def teacher_speed(self, name: str, teacher: str) -> float:
+        """The teacher's sentences/s on the device ``name`` was timed on."""
+        return self.sentences_per_second[self.reference.get(self.device_of(name), teacher)]
+
+    def label(self, name: str) -> str:
+        """Where ``name`` was timed, e.g. ``cuda (NVIDIA H200)``."""
+        return self.device_labels.get(self.device_of(name), self.device_of(name))
 
 
-def measure_throughput(variants: list[Variant], data: PreparedData, config: BenchmarkConfig) -> SpeedResult:
-    """Sentences/second for every variant, timed side by side in this process."""
+def teacher_on_cpu(variants: list[Variant], device: str) -> Variant | None:
+    """The teacher, timed again on the CPU, when the teacher runs on a GPU and some variant cannot."""
+    teacher = variants[0]
+    if runs_on(teacher.backend, device) == "cpu" or all(
+        runs_on(v.backend, device) != "cpu" for v in variants
+    ):
+        return None
+    return replace(teacher, name=f"{teacher.name}@cpu")
+
+
+def measure_throughput(
+    variants: list[Variant], data: PreparedData, config: BenchmarkConfig, device: str = "cpu"
+) -> SpeedResult:
+    """Sentences/second for every variant, timed side by side in this process, on ``device`` where each
+    variant's runtime can run there (else on the CPU, beside the teacher timed on the CPU too)."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     sentences = read_lines(data.heldout_file)[: config.speed_sentences]
@@ -262,38 +303,61 @@ def measure_throughput(variants: list[Variant], data: PreparedData, config: Benc
             len(sentences),
             config.speed_sentences,
         )
+    cpu_teacher = teacher_on_cpu(variants, device)
+    timed = variants + ([cpu_teacher] if cpu_teacher else [])
+    where = {v.name: runs_on(v.backend, device) for v in timed}
+    if cpu_teacher:
+        where[cpu_teacher.name] = "cpu"
     models = {}
-    for variant in variants:
+    for variant in timed:
         shared = next(
-            (models[v.name] for v in variants if v.name in models and encoder_key(v) == encoder_key(variant)),
+            (
+                models[v.name]
+                for v in timed
+                if v.name in models
+                and encoder_key(v) == encoder_key(variant)
+                and where[v.name] == where[variant.name]
+            ),
             None,
         )
-        models[variant.name] = shared or load_model(variant)
+        models[variant.name] = shared or load_model(variant, where[variant.name])
         warm = sentences[: config.batch_size * config.warmup_batches]
         if warm:
             encode(models[variant.name], variant, warm, config.batch_size)
-    timings: dict[str, list[float]] = {v.name: [] for v in variants}
-    with tqdm(total=config.repeats * len(variants), desc="throughput", unit="run") as bar:
+    timings: dict[str, list[float]] = {v.name: [] for v in timed}
+    with tqdm(total=config.repeats * len(timed), desc="throughput", unit="run") as bar:
         for _ in range(config.repeats):
-            for variant in variants:
+            for variant in timed:
                 start = time.perf_counter()
+                # encode() returns numpy arrays: a GPU's work has finished (copied back) when it returns
                 encode(models[variant.name], variant, sentences, config.batch_size)
                 timings[variant.name].append(time.perf_counter() - start)
                 bar.update(1)
     per_second = {name: len(sentences) / statistics.median(t) for name, t in timings.items()}
     for name, value in per_second.items():
-        log.info("%s: %.1f sentences/s", name, value)
+        log.info("%s: %.1f sentences/s on %s", name, value, where[name])
+    reference = {where[variants[0].name]: variants[0].name}
+    if cpu_teacher:
+        reference["cpu"] = cpu_teacher.name
     return SpeedResult(
-        per_second, timings, len(sentences), config.batch_size, torch.get_num_threads(), cpu_name()
+        per_second,
+        timings,
+        len(sentences),
+        config.batch_size,
+        torch.get_num_threads(),
+        cpu_name(),
+        devices=where,
+        device_labels={d: device_label(d) for d in set(where.values())},
+        reference=reference,
     )
 
 
 @task(name="measure-throughput")
 def measure_throughput_task(
-    variants: list[Variant], data: PreparedData, config: BenchmarkConfig
+    variants: list[Variant], data: PreparedData, config: BenchmarkConfig, device: str = "cpu"
 ) -> SpeedResult:
     """Prefect task around :func:`measure_throughput`."""
-    return measure_throughput(variants, data, config)
+    return measure_throughput(variants, data, config, device)
 
 
 # CPU features that change what int8 / bf16 inference costs (VNNI, AMX, AVX-512, AVX2)
@@ -318,13 +382,3 @@ def machine_tags(threads: int | None = None) -> dict[str, str]:
         "machine.threads": str(threads or torch.get_num_threads()),
         "machine.hostname": platform.node(),
     }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"

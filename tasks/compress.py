@@ -67,6 +67,7 @@ class CompressInputs:
     data: PreparedData
     corpus_emb: CachedEmbeddings
     artifacts: Path
+    device: str = "cpu"  # where fit / calibration samples are encoded (not part of any key)
 
     def key(self, step: str, base: Variant, **settings: object) -> str:
         return stage_key(step, STAGE_VERSION, {"base": base.key, "corpus": self.corpus_emb.key, **settings})
@@ -83,7 +84,7 @@ def fit_sample(base: Variant, inputs: CompressInputs, rows: int) -> np.ndarray:
 
     def build(out_dir: Path, _work: Path) -> dict:
         sentences = read_lines(inputs.data.corpus_file)[:rows]
-        embeddings = load_model(base).encode(
+        embeddings = load_model(base, inputs.device).encode(
             sentences, batch_size=64, convert_to_numpy=True, show_progress_bar=True
         )
         np.save(out_dir / "embeddings.npy", embeddings.astype(np.float32), allow_pickle=False)
@@ -344,10 +345,11 @@ def compress_variants(
     corpus_emb: CachedEmbeddings,
     artifacts: Path,
     run_step: RunStep = run_step_in_process,
+    device: str = "cpu",
 ) -> tuple[list[Variant], list[StepFailure]]:
     """New variants made from ``bases`` by the active steps (per base, in step order, each followed by its
     chained ``then`` steps), and the steps that failed (the rest go on)."""
-    inputs = CompressInputs(data, corpus_emb, Path(artifacts))
+    inputs = CompressInputs(data, corpus_emb, Path(artifacts), device)
     made: list[Variant] = []
     failures: list[StepFailure] = []
 

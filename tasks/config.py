@@ -176,6 +176,8 @@ class TrainingConfig(_Frozen):
         seed: Seed for shuffling and initialisation.
         hidden_loss_weight: Weight of the hidden-state term of the ``mse+hidden`` loss. At 0.02 both terms
             start about equal for a 3-of-6-layer MiniLM student (hidden-state MSE is ~40x the embedding MSE).
+        mixed_precision: Autocast on a GPU: ``auto`` = bf16 where the GPU has it, else fp16; ``no`` =
+            float32. Training on the CPU is always float32. Part of a student's content key.
     """
 
     epochs: float = Field(default=1.0, gt=0)
@@ -185,6 +187,7 @@ class TrainingConfig(_Frozen):
     evaluations_per_epoch: int = Field(default=3, ge=1)
     seed: int = 42
     hidden_loss_weight: float = Field(default=0.02, ge=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
 
 
 class BenchmarkConfig(_Frozen):
@@ -486,6 +489,9 @@ class DistillConfig(_Frozen):
         benchmark: Speed measurement settings.
         tracking: MLflow settings.
         selection: The rule that picks the champion and registers it.
+        device: Where teacher encoding, training and quality scoring run, and where speed is timed:
+            ``auto`` = CUDA when torch sees a GPU, else the CPU. ONNX, OpenVINO and torch-int8 variants
+            always run on the CPU; their speed-up is against the teacher timed on the CPU in the same run.
     """
 
     profile: ProfileName = "quick"
@@ -503,6 +509,7 @@ class DistillConfig(_Frozen):
     benchmark: BenchmarkConfig = BenchmarkConfig()
     tracking: TrackingConfig = TrackingConfig()
     selection: SelectionConfig = SelectionConfig()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="before")
     @classmethod

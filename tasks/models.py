@@ -147,16 +147,21 @@ def load_sentence_transformer(
     *,
     trust_remote_code: bool = False,
     max_seq_length: int | None = None,
+    device: str = "cpu",
     **kwargs: object,
 ) -> SentenceTransformer:
-    """Load a model folder on the CPU, never running remote code unless asked to."""
+    """Load a model folder on ``device`` (the CPU unless told), never running remote code unless asked to."""
     from sentence_transformers import SentenceTransformer
 
     # transformers builds a model under process-wide patches of torch (empty "meta" weights, then loaded):
     # two threads loading at once corrupt each other ("Cannot copy out of meta tensor"). One at a time.
     with _LOAD_LOCK:
         model = SentenceTransformer(
-            str(model_dir), device="cpu", trust_remote_code=trust_remote_code, local_files_only=True, **kwargs
+            str(model_dir),
+            device=device,
+            trust_remote_code=trust_remote_code,
+            local_files_only=True,
+            **kwargs,
         )
     if max_seq_length is not None:
         model.max_seq_length = max_seq_length

@@ -25,6 +25,7 @@ from tasks.config import (
     TorchInt8Step,
 )
 from tasks.data import DataCheck, check_data
+from tasks.devices import device_label, mixed_precision, resolve_device
 from tasks.models import resolve_model_dir
 from tasks.onnx_export import check_onnx_installed, pick_kernel
 from tasks.openvino_quant import check_openvino_installed
@@ -43,6 +44,7 @@ class Plan:
     student_layers: dict[str, tuple[int, ...]]
     light_students: dict[str, Path]  # name -> resolved model folder
     data: DataCheck | None = None  # the sizes the data step will produce
+    device: str = "cpu"  # config.device resolved: cpu or cuda
 
 
 def check_inputs(config: DistillConfig) -> Plan:
@@ -51,6 +53,8 @@ def check_inputs(config: DistillConfig) -> Plan:
     Every problem is a ``ValueError`` (``DataError``, ``ModelReferenceError``, ``PcaConfigError``, ...)
     whose message names the field or file and the fix. Nothing is written.
     """
+    device = resolve_device(config.device)
+    mixed_precision(device, config.training.mixed_precision)  # bf16 asked of a GPU without it fails here
     teacher_dir = resolve_model_dir(config.teacher.model, "teacher.model")
     teacher_layers = count_teacher_layers(teacher_dir)
     student_layers: dict[str, tuple[int, ...]] = {}
@@ -68,15 +72,16 @@ def check_inputs(config: DistillConfig) -> Plan:
     _check_compress(config, teacher_dir, names, corpus_size)
     _check_static(config, teacher_dir, names)
     log.info(
-        "teacher %s (%d layers); students %s; light students %s; corpus %d sentences, held-out %d",
+        "teacher %s (%d layers); students %s; light students %s; corpus %d sentences, held-out %d; on %s",
         teacher_dir,
         teacher_layers,
         student_layers,
         {name: str(path) for name, path in light.items()},
         data.corpus_size,
         data.heldout_size,
+        device_label(device),
     )
-    return Plan(teacher_dir, teacher_layers, student_layers, light, data)
+    return Plan(teacher_dir, teacher_layers, student_layers, light, data, device)
 
 
 def _corpus_source(config: DistillConfig) -> str:

@@ -31,6 +31,7 @@ TABLE_COLUMNS = [
     "uses_sts_labels",
     "status",
     "reused",
+    "speed_device",  # where sentences_per_second was timed; speed-ups are against the teacher there
     "on_frontier",  # Pareto-optimal for speed-up vs retention (a 1.0/0.0 MLflow metric)
     "on_storage_frontier",  # Pareto-optimal for bytes per vector vs retention
     "sts_dev_spearman",
@@ -51,7 +52,7 @@ TABLE_COLUMNS = [
 ]
 # Where a benchmarked model came from (flows/benchmark.py adds these after the others).
 SOURCE_COLUMNS = ("model_ref", "source_run_id", "same_data_as_source", "same_teacher_as_source")
-TEXT_COLUMNS = (*TABLE_COLUMNS[: TABLE_COLUMNS.index("reused") + 1], *SOURCE_COLUMNS)  # not metrics
+TEXT_COLUMNS = (*TABLE_COLUMNS[: TABLE_COLUMNS.index("speed_device") + 1], *SOURCE_COLUMNS)  # not metrics
 STS_LABELS_MARK = "†"
 STS_LABELS_LEGEND = (
     f"{STS_LABELS_MARK} uses_sts_labels: saw STS-B train labels (a CoSENT student or made from one), so its "
@@ -103,6 +104,17 @@ def metric_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in TEXT_COLUMNS]
 
 
+def gpu_note(speed: SpeedResult) -> str:
+    """What the report says when some rows were timed on a GPU."""
+    gpus = sorted({label for name, label in speed.device_labels.items() if name != "cpu"})
+    if not gpus:
+        return ""
+    return (
+        f" Timed on {', '.join(gpus)} where the runtime runs there; ONNX, OpenVINO and torch-int8 rows on "
+        "the CPU, their speed-ups against the teacher timed on the CPU in the same run (speed_device column)."
+    )
+
+
 def build_table(
     variants: list[Variant],
     quality: list[QualityResult],
@@ -113,7 +125,7 @@ def build_table(
     variant must be the teacher (the reference of every ratio)."""
     if not variants or variants[0].kind != "teacher":
         raise ValueError("the first variant must be the teacher")
-    teacher_q, teacher_sps = quality[0], speed.sentences_per_second[variants[0].name]
+    teacher_q, teacher = quality[0], variants[0].name
     rows = []
     for variant, q in zip(variants, quality, strict=True):
         sps = speed.sentences_per_second[variant.name]
@@ -127,6 +139,7 @@ def build_table(
                 "uses_sts_labels": variant.uses_sts_labels,
                 "status": "ok",
                 "reused": variant.reused,
+                "speed_device": speed.label(variant.name),
                 "sts_dev_spearman": q.sts_dev_spearman,
                 "sts_test_spearman": q.sts_test_spearman,
                 "sts_test_pearson": q.sts_test_pearson,
@@ -135,7 +148,7 @@ def build_table(
                 "heldout_agreement_spearman": q.heldout_agreement_spearman,
                 "mse_to_teacher": q.mse_to_teacher,
                 "sentences_per_second": sps,
-                "speedup_vs_teacher": sps / teacher_sps,
+                "speedup_vs_teacher": sps / speed.teacher_speed(variant.name, teacher),
                 "size_mb": q.size_mb,
                 "size_reduction_vs_teacher": teacher_q.size_mb / q.size_mb if q.size_mb else math.nan,
                 "parameters": q.parameters,
@@ -289,6 +302,7 @@ def write_report(
     note = (
         f"Speed: {speed.sentences} held-out sentences, batch {speed.batch_size}, {speed.threads} threads, "
         f"{speed.cpu}; median of {len(next(iter(speed.all_timings_s.values())))} interleaved repeats."
+        + gpu_note(speed)
     )
     files["markdown"].write_text(format_table(table) + "\n\n" + note + "\n", encoding="utf-8")
     create_table_artifact(

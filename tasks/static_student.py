@@ -61,7 +61,11 @@ def check_model2vec_installed() -> None:
 
 
 def distill_static(
-    source: Variant, artifacts: Path, pca_dims: int | None, trust_remote_code: bool = False
+    source: Variant,
+    artifacts: Path,
+    pca_dims: int | None,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
 ) -> StaticStudent:
     """model2vec-distill ``source`` into a SentenceTransformer folder in the store (or reuse it)."""
     check_model2vec_installed()
@@ -81,7 +85,7 @@ def distill_static(
             model_name=str(source.model_dir),
             pca_dims=pca_dims,
             trust_remote_code=trust_remote_code,
-            device="cpu",
+            device=device,  # the vocabulary is encoded once by the source model
         )
         with tempfile.TemporaryDirectory() as m2v_dir:
             static.save_pretrained(m2v_dir)
@@ -99,7 +103,11 @@ def distill_static(
 
 @task(name="distill-static-student")
 def distill_static_task(
-    source: Variant, artifacts: Path, pca_dims: int | None, trust_remote_code: bool = False
+    source: Variant,
+    artifacts: Path,
+    pca_dims: int | None,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
 ) -> StaticStudent:
     """Prefect task around :func:`distill_static`."""
-    return distill_static(source, artifacts, pca_dims, trust_remote_code)
+    return distill_static(source, artifacts, pca_dims, trust_remote_code, device)

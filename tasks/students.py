@@ -36,6 +36,7 @@ from prefect import task
 from tasks.artifacts import ArtifactStore, Entry, files_fingerprint, stage_key
 from tasks.config import LightStudentSpec, StudentSpec, TrainingConfig
 from tasks.data import PreparedData, read_sts
+from tasks.devices import device_label, mixed_precision
 from tasks.models import fingerprint_model_dir, load_sentence_transformer, resolve_model_dir
 from tasks.pca import fit_pca
 from tasks.teacher_cache import CachedEmbeddings, iter_lines, sentences_digest
@@ -280,13 +281,14 @@ def _fit(
     out_dir: Path,
     work_dir: Path,
     run_id: str | None = None,
+    device: str = "cpu",
 ) -> float | None:
     """Train with the Trainer, score sts-dev during training, save the best checkpoint to ``out_dir/model``
     and the Trainer's log history to ``out_dir/training_log.json``.
 
     Checkpoints go to ``work_dir/checkpoints``; when one is there already (a killed run), training resumes
     from the last one. With ``run_id``, the curves are logged to that MLflow run as it trains. Returns the
-    best sts-dev Spearman.
+    best sts-dev Spearman. On CUDA, the forward passes run under bf16 / fp16 autocast (``mixed_precision``).
     """
     from sentence_transformers.sentence_transformer import (
         SentenceTransformerTrainer,
@@ -302,6 +304,7 @@ def _fit(
         sum(len(d) for d in train_dataset.values()) if isinstance(train_dataset, dict) else len(train_dataset)
     )
     steps_per_epoch = max(1, -(-rows // training.batch_size))
+    precision = mixed_precision(device, training.mixed_precision)
     eval_steps = max(1, steps_per_epoch // training.evaluations_per_epoch)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(work_dir / "checkpoints"),
@@ -321,7 +324,9 @@ def _fit(
         logging_steps=max(1, eval_steps // 2),
         report_to="none",  # the flow logs to MLflow itself; transformers would default to ["mlflow"]
         seed=training.seed,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device == "cpu",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
@@ -336,7 +341,14 @@ def _fit(
     last = last_complete_checkpoint(work_dir / "checkpoints")
     if last:
         log.info("student %s: resuming from %s (a run stopped while training it)", name, last)
-    log.info("training student %s on %d rows (%d steps per epoch)", name, rows, steps_per_epoch)
+    log.info(
+        "training student %s on %d rows (%d steps per epoch) on %s%s",
+        name,
+        rows,
+        steps_per_epoch,
+        device_label(device),
+        f", {precision} autocast" if precision != "no" else "",
+    )
     trainer.train(resume_from_checkpoint=last)
     model.save(str(out_dir / "model"))
     (out_dir / HISTORY_FILE).write_text(json.dumps(trainer.state.log_history, indent=1), encoding="utf-8")
@@ -383,14 +395,18 @@ def _log_done(name: str, sentences: int, seconds: float, best: float | None) -> 
 
 
 def training_inputs(
-    data: PreparedData, corpus_embeddings: CachedEmbeddings, training: TrainingConfig
+    data: PreparedData, corpus_embeddings: CachedEmbeddings, training: TrainingConfig, precision: str = "no"
 ) -> dict:
-    """What every student's key depends on besides its own spec: targets, STS-B train/dev, settings."""
-    return {
+    """What every student's key depends on besides its own spec: targets, STS-B train/dev, settings, and
+    the autocast precision actually used (float32 training keeps the key it had before GPUs were known)."""
+    inputs = {
         "targets": corpus_embeddings.key,
         "stsb_train_dev": files_fingerprint(data.sts_file("train"), data.sts_file("dev")),
-        "training": training.model_dump(mode="json"),
+        "training": training.model_dump(mode="json", exclude={"mixed_precision"}),
     }
+    if precision != "no":
+        inputs["mixed_precision"] = precision
+    return inputs
 
 
 def train_layer_reduced(
@@ -404,6 +420,7 @@ def train_layer_reduced(
     max_seq_length: int | None = None,
     trust_remote_code: bool = False,
     runs: ChildRuns | None = None,
+    device: str = "cpu",
 ) -> TrainedStudent:
     """The teacher with layers removed, trained against its cached embeddings (or reused from the store).
 
@@ -412,12 +429,13 @@ def train_layer_reduced(
     teacher_layers = count_teacher_layers(teacher_dir)
     layers = plan_layers(teacher_layers, spec)
     name = student_name(spec, layers, teacher_layers)
+    precision = mixed_precision(device, training.mixed_precision)
     inputs = {
         "kind": "layer-reduced",
         "teacher": fingerprint_model_dir(Path(teacher_dir), max_seq_length),
         "layers": list(layers),
         "loss": spec.loss,
-        **training_inputs(data, corpus_embeddings, training),
+        **training_inputs(data, corpus_embeddings, training, precision),
     }
     key = stage_key(STAGE, STAGE_VERSION, inputs)
     run_id = runs.open(name) if runs else None
@@ -427,13 +445,13 @@ def train_layer_reduced(
 
         start = time.perf_counter()
         model = load_sentence_transformer(
-            teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code
+            teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code, device=device
         )
         reduce_layers(model, layers)
         log.info("student %s keeps teacher layers %s of %d", name, list(layers), teacher_layers)
         if spec.loss == "mse+hidden":
             teacher = load_sentence_transformer(
-                teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code
+                teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code, device=device
             )
             loss: object = HiddenStateMSELoss(model, teacher, layers, training.hidden_loss_weight)
         else:
@@ -442,7 +460,7 @@ def train_layer_reduced(
             corpus_blocks(data.corpus_file, corpus_embeddings), corpus_embeddings.dim, work_dir / DATASET_FILE
         )
         train_dataset, loss = _losses(model, spec.loss, data, dataset, loss)
-        best = _fit(model, name, train_dataset, loss, data, training, out_dir, work_dir, run_id)
+        best = _fit(model, name, train_dataset, loss, data, training, out_dir, work_dir, run_id, device)
         seconds = time.perf_counter() - start
         _log_done(name, len(dataset), seconds, best)
         params = {
@@ -452,7 +470,7 @@ def train_layer_reduced(
         }
         if spec.loss == "mse+hidden":
             params["hidden_loss_weight"] = str(training.hidden_loss_weight)
-        return _result(best, seconds, len(dataset), spec.loss, params)
+        return _result(best, seconds, len(dataset), spec.loss, params | trained_on(device, precision))
 
     entry = ArtifactStore(artifacts).build(STAGE, key, build, f"student {name}")
     return _stored(TrainedStudent.from_entry(name, "layer-reduced", entry, run_id))
@@ -464,6 +482,11 @@ def _stored(student: TrainedStudent) -> TrainedStudent:
         points = log_history(student.run_id, read_history(student.history_file))
         log.info("student %s: %d stored training-curve points logged to its MLflow run", student.name, points)
     return student
+
+
+def trained_on(device: str, precision: str) -> dict[str, str]:
+    """Params saying where a student was trained (a stored student keeps where it was first trained)."""
+    return {"train_device": device_label(device), "mixed_precision": precision}
 
 
 def _result(best: float | None, seconds: float, sentences: int, loss: str, params: dict[str, str]) -> dict:
@@ -541,12 +564,14 @@ def train_light(
     training: TrainingConfig,
     artifacts: Path,
     runs: ChildRuns | None = None,
+    device: str = "cpu",
 ) -> TrainedStudent:
     """A smaller pretrained model trained against the teacher's (projected) embeddings, or reused.
 
     With ``runs``, the student's MLflow child run is opened first and gets its training curves.
     """
     name = light_student_name(spec)
+    precision = mixed_precision(device, training.mixed_precision)
     model_dir = resolve_model_dir(spec.model, "light_students[].model")
     if spec.learning_rate is not None:
         training = training.model_copy(update={"learning_rate": spec.learning_rate})
@@ -555,7 +580,7 @@ def train_light(
         "base": fingerprint_model_dir(model_dir, spec.max_seq_length),
         "projection": spec.projection,
         "loss": spec.loss,
-        **training_inputs(data, corpus_embeddings, training),
+        **training_inputs(data, corpus_embeddings, training, precision),
     }
     key = stage_key(STAGE, STAGE_VERSION, inputs)
     run_id = runs.open(name) if runs else None
@@ -565,7 +590,10 @@ def train_light(
 
         start = time.perf_counter()
         model = load_sentence_transformer(
-            model_dir, max_seq_length=spec.max_seq_length, trust_remote_code=spec.trust_remote_code
+            model_dir,
+            max_seq_length=spec.max_seq_length,
+            trust_remote_code=spec.trust_remote_code,
+            device=device,
         )
         transform, params, pca = projection_of(
             model, corpus_embeddings.load(), spec.projection, training.seed
@@ -579,13 +607,13 @@ def train_light(
         dataset = _distillation_dataset(blocks, dim, work_dir / DATASET_FILE)
         train_dataset, loss = _losses(model, spec.loss, data, dataset, loss)
         params["learning_rate"] = str(training.learning_rate)
-        best = _fit(model, name, train_dataset, loss, data, training, out_dir, work_dir, run_id)
+        best = _fit(model, name, train_dataset, loss, data, training, out_dir, work_dir, run_id, device)
         if pca is not None:
             save_teacher_projection(pca, out_dir / "model")
         seconds = time.perf_counter() - start
         _log_done(name, len(dataset), seconds, best)
         params["base_model"] = spec.model
-        return _result(best, seconds, len(dataset), spec.loss, params)
+        return _result(best, seconds, len(dataset), spec.loss, params | trained_on(device, precision))
 
     entry = ArtifactStore(artifacts).build(STAGE, key, build, f"light student {name}")
     return _stored(TrainedStudent.from_entry(name, "light", entry, run_id))

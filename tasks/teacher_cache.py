@@ -411,10 +411,12 @@ def get_or_encode(
     batch_size: int = 64,
     max_seq_length: int | None = None,
     trust_remote_code: bool = False,
+    device: str = "cpu",
 ) -> CachedEmbeddings:
     """Return the cached teacher embeddings of the sentences in ``sentences_file``, encoding on a miss.
 
-    A hit is verified shard by shard first; a broken entry is logged, discarded and encoded again.
+    A hit is verified shard by shard first; a broken entry is logged, discarded and encoded again. The key
+    does not depend on ``device``: the teacher encodes in float32 on either, and an entry serves both.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: the teacher cache stores float32 or float16")
@@ -429,9 +431,9 @@ def get_or_encode(
         log.info("teacher cache hit %s: %d x %d embeddings, nothing encoded", key, meta["rows"], meta["dim"])
         return CachedEmbeddings(entry, key, meta["rows"], meta["dim"], dtype, 0, time.perf_counter() - start)
 
-    log.info("teacher cache miss %s: encoding %d sentences with %s", key, rows, teacher_dir)
+    log.info("teacher cache miss %s: encoding %d sentences with %s on %s", key, rows, teacher_dir, device)
     model = load_sentence_transformer(
-        teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code
+        teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code, device=device
     )
     tmp = entry.with_name(f".{key}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
@@ -513,6 +515,7 @@ def cache_teacher_embeddings(
     batch_size: int = 64,
     max_seq_length: int | None = None,
     trust_remote_code: bool = False,
+    device: str = "cpu",
 ) -> CachedEmbeddings:
     """Prefect task around :func:`get_or_encode` (the cache is content-addressed files, not task results)."""
     return get_or_encode(
@@ -523,4 +526,5 @@ def cache_teacher_embeddings(
         batch_size=batch_size,
         max_seq_length=max_seq_length,
         trust_remote_code=trust_remote_code,
+        device=device,
     )

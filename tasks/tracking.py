@@ -260,6 +260,7 @@ def variant_params(variant: Variant, row: pd.Series) -> dict[str, str]:
         "precision": variant.precision,
         "embedding_dim": str(int(row["embedding_dim"])),
         "uses_sts_labels": str(variant.uses_sts_labels).lower(),
+        "speed_device": str(row.get("speed_device", "")),  # where its sentences/s were timed
         "artifact_key": variant.key,  # the content key of what it runs: equal keys, same model
         **variant.params,
     }

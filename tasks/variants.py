@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from tasks.devices import runs_on
 from tasks.models import dir_size_bytes, load_sentence_transformer
 
 if TYPE_CHECKING:
@@ -99,12 +100,14 @@ class Variant:
         )
 
 
-def load_model(variant: Variant) -> SentenceTransformer:
+def load_model(variant: Variant, device: str = "cpu") -> SentenceTransformer:
+    """The variant's network, on ``device`` where its runtime can run there (ONNX, OpenVINO and torch int8
+    always on the CPU: :func:`tasks.devices.runs_on`)."""
     if variant.backend in ("onnx", "openvino"):
         return load_sentence_transformer(
             variant.model_dir, backend=variant.backend, model_kwargs={"file_name": variant.model_file}
         )
-    model = load_sentence_transformer(variant.model_dir)
+    model = load_sentence_transformer(variant.model_dir, device=runs_on(variant.backend, device))
     if variant.backend == "torch-int8":
         from tasks.torch_quant import quantize_dynamic_int8
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from flows.cli import main
@@ -284,6 +285,12 @@ CASES: list[tuple[str, Setup, str]] = [
         "corpus-empty",
         sets("data.corpus_wiki_sentences=0", "data.include_stsb_train=false"),
         "the distillation corpus is empty",
+    ),
+    # a GPU asked for where torch sees none (on a GPU machine, tests/flows/test_cuda.py runs instead)
+    *(
+        []
+        if torch.cuda.is_available()
+        else [("cuda-without-gpu", sets("device=cuda"), "device='cuda': torch")]
     ),
     # held-out STS12-16 suites: parsed in full
     ("suite-file-missing", sets("data.heldout_suites=[sts99.tsv.gz]"), "sts99.tsv.gz does not exist"),

@@ -80,6 +80,9 @@ def test_child_run_per_variant_with_stable_metrics(two_runs) -> None:
     assert teacher.data.metrics["sts_test_retention_pct"] == pytest.approx(100.0)
     student = by_name["ends"]
     assert student.data.params["layers"] == "0,3"
+    assert student.data.params["train_device"].startswith("cpu (")  # where it was trained, in float32
+    assert student.data.params["mixed_precision"] == "no"
+    assert {c.data.params["speed_device"][:4] for c in children} == {"cpu "}
     assert {c.data.params["uses_sts_labels"] for c in children} == {"false"}  # no CoSENT student here
     twin = by_name["layers-2of4"]
     assert twin.data.params["artifact_key"] == student.data.params["artifact_key"]

@@ -3,7 +3,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.benchmark import agreement_spearman, evaluate_all, evaluate_group, measure_throughput
+from tasks.benchmark import (
+    agreement_spearman,
+    evaluate_all,
+    evaluate_group,
+    measure_throughput,
+    teacher_on_cpu,
+)
 from tasks.config import BenchmarkConfig, DataConfig
 from tasks.data import prepare_data, read_sts
 from tasks.teacher_cache import get_or_encode
@@ -102,3 +108,33 @@ def test_throughput_times_every_variant_side_by_side(tiny_model_dir: Path, prepa
     assert set(speed.sentences_per_second) == {"teacher", "one-layer", "bits"}
     assert all(len(t) == 3 for t in speed.all_timings_s.values())
     assert speed.sentences == 40 and speed.threads >= 1 and speed.cpu
+
+
+@pytest.mark.parametrize(
+    ("device", "backends", "expected"),
+    [
+        ("cpu", ["torch", "onnx"], None),  # everything on the CPU already
+        ("cuda", ["torch", "torch"], None),  # everything on the GPU
+        ("cuda", ["torch", "onnx"], "teacher@cpu"),  # an ONNX row needs a CPU reference
+        ("cuda", ["torch-int8"], "teacher@cpu"),
+    ],
+)
+def test_the_teacher_is_timed_on_the_cpu_too_when_a_row_must_run_there(
+    device: str, backends: list[str], expected: str | None
+) -> None:
+    variants = [Variant("teacher", "teacher", Path("t"))] + [
+        Variant(f"v{i}", "quantized", Path("t"), backend=backend) for i, backend in enumerate(backends)
+    ]
+    reference = teacher_on_cpu(variants, device)
+    assert (reference.name if reference else None) == expected
+    if reference:
+        assert reference.model_dir == variants[0].model_dir and reference.kind == "teacher"
+
+
+def test_throughput_on_the_cpu_records_the_device(tiny_model_dir: Path, prepared) -> None:
+    variants = [Variant("teacher", "teacher", tiny_model_dir)]
+    speed = measure_throughput(
+        variants, prepared, BenchmarkConfig(speed_sentences=20, repeats=1, batch_size=16)
+    )
+    assert speed.devices == {"teacher": "cpu"} and speed.reference == {"cpu": "teacher"}
+    assert speed.label("teacher").startswith("cpu (")

@@ -13,6 +13,7 @@ from tasks.report import (
     TABLE_COLUMNS,
     build_table,
     format_table,
+    gpu_note,
     metric_columns,
     pareto_mask,
     plot_bars,
@@ -49,6 +50,36 @@ def test_ratios_are_relative_to_the_teacher(table: pd.DataFrame) -> None:
     assert table.iloc[0]["speedup_vs_teacher"] == 1.0
     assert student["heldout_agreement_spearman"] == 0.9 and "heldout_agreement_spearman" in METRIC_COLUMNS
     assert "uses_sts_labels" not in METRIC_COLUMNS  # an MLflow param (see tracking), not a metric
+
+
+def test_cpu_only_rows_are_compared_with_the_teacher_on_the_cpu() -> None:
+    """On a GPU run, an ONNX row is timed on the CPU: its speed-up is against the teacher timed there."""
+    variants = [
+        Variant("teacher", "teacher", Path("t")),
+        Variant("s3", "layer-reduced", Path("s"), parent="teacher"),
+        Variant("s3-onnx", "quantized", Path("s"), parent="s3", backend="onnx"),
+    ]
+    speed = SpeedResult(
+        {"teacher": 4000.0, "s3": 10000.0, "s3-onnx": 300.0, "teacher@cpu": 100.0},
+        {},
+        1000,
+        64,
+        16,
+        "Test CPU (16 cores)",
+        devices={"teacher": "cuda", "s3": "cuda", "s3-onnx": "cpu", "teacher@cpu": "cpu"},
+        device_labels={"cuda": "cuda (Test GPU)", "cpu": "cpu (Test CPU (16 cores))"},
+        reference={"cuda": "teacher", "cpu": "teacher@cpu"},
+    )
+    table = build_table(variants, [_quality(0.8, 90.0), _quality(0.78, 45.0), _quality(0.78, 20.0)], speed)
+    rows = table.set_index("variant")
+    assert rows["speedup_vs_teacher"].to_dict() == pytest.approx({"teacher": 1.0, "s3": 2.5, "s3-onnx": 3.0})
+    assert rows["speed_device"].to_dict() == {
+        "teacher": "cuda (Test GPU)",
+        "s3": "cuda (Test GPU)",
+        "s3-onnx": "cpu (Test CPU (16 cores))",
+    }
+    assert "speed_device" not in METRIC_COLUMNS
+    assert "teacher timed on the CPU" in gpu_note(speed) and gpu_note(SpeedResult({}, {}, 1, 1, 1, "")) == ""
 
 
 def test_teacher_must_come_first() -> None:
@@ -157,8 +188,8 @@ def test_frontier_columns(frontier_table: pd.DataFrame) -> None:
         "fast-onnx": False,
     }
     columns = list(frontier_table.columns)
-    assert columns.index("on_frontier") == columns.index("reused") + 1
-    assert columns.index("on_storage_frontier") == columns.index("reused") + 2
+    assert columns.index("on_frontier") == columns.index("speed_device") + 1
+    assert columns.index("on_storage_frontier") == columns.index("speed_device") + 2
 
 
 def test_frontier_columns_are_metrics(table: pd.DataFrame) -> None:
