@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
+from flows.runner import dask_tasks, release_workers, submit
 from flows.teacher_cache import embed_with_teacher
 from tasks.benchmark import (
     QualityResult,
@@ -67,10 +69,24 @@ def measure_variants(
 ) -> tuple[list[QualityResult], SpeedResult]:
     """Quality of every variant (one encoding per network, stored by content key), then speed, timed side
     by side after everything else so that nothing else runs meanwhile; both on ``device`` where each
-    variant's runtime runs there."""
-    quality = evaluate_all(
-        variants, data, heldout_teacher, benchmark.batch_size, evaluate_group_task, artifacts, device
-    )
+    variant's runtime runs there.
+
+    Under ``runner.kind=dask`` (a :func:`flows.runner.dask_pool` is open) the networks are scored in
+    parallel on the cluster, which is then closed; speed is always timed here, in the flow's process.
+    """
+    with dask_tasks() as task_runner:
+        submit_group = partial(submit, task_runner, evaluate_group_task) if task_runner else None
+        quality = evaluate_all(
+            variants,
+            data,
+            heldout_teacher,
+            benchmark.batch_size,
+            evaluate_group_task,
+            artifacts,
+            submit=submit_group,
+            device=device,
+        )
+    release_workers()  # nothing but the timing below runs from here on
     speed = measure_throughput_task(variants, data, benchmark, device)
     return quality, speed
 

@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
         return 0
 
+    from flows.runner import check_scheduler
     from tasks.preflight import check_inputs
     from tasks.tracking_store import check_tracking_store, tracking_uri
 
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             check_inputs(config)  # seconds, before a Prefect server starts; the flow checks again
             check_tracking_store(tracking_uri(config))  # answers (HTTP) or is writable (SQLite, files)
+            check_scheduler(config.runner)  # runner.address: a Dask scheduler answers there
     except (ValueError, OSError) as exc:  # every input error names the field or file and the fix
         return _fail(exc)
     # The flow gets what was asked for (profile + overrides), as a deployment run would, and resolves it

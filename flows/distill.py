@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import mlflow
 from prefect import flow
@@ -12,11 +13,13 @@ from prefect.runtime import flow_run
 from pydantic import Field
 
 from flows.benchmark import measure_variants
+from flows.runner import Call, dask_pool, dask_tasks, run_tasks, submit
 from flows.teacher_cache import embed_with_teacher
 from tasks.benchmark import machine_tags
-from tasks.compress import StepFailure, compress_variants, run_step_as_task
+from tasks.compress import CompressInputs, StepFailure, compress_variants, run_step_as_task, step_task
 from tasks.config import (
     BEST_STUDENT,
+    CompressStep,
     DataConfig,
     DistillConfig,
     ProfileName,
@@ -39,6 +42,10 @@ from tasks.teacher_cache import CachedEmbeddings
 from tasks.tracking import ChildRuns, flow_run_tags, log_results, parent_run, run_context
 from tasks.tracking_store import setup_experiment
 from tasks.variants import Variant
+
+if TYPE_CHECKING:
+    from prefect.futures import PrefectFuture
+    from prefect_dask import DaskTaskRunner
 
 
 # The hooks end the flow run's MLflow runs as FAILED / KILLED, with the reason, when it fails, crashes or
@@ -112,17 +119,21 @@ def distill(
         # inputs; runs/<run id>/ holds only this run's report.
         artifacts = Path(config.work_dir) / "artifacts"
         run_dir = Path(config.work_dir) / "runs" / run_id
-        students = train_students(plan.teacher_dir, config, data, corpus_emb, artifacts, runs, plan.device)
+        # runner.kind=dask: the stages below submit their tasks to one cluster for the run, closed before
+        # speed is timed (flows.runner); local: every task runs here, one after the other
         teacher = Variant(
             "teacher", "teacher", plan.teacher_dir, params={"model": config.teacher.model}, key=teacher_key
         )
-        bases = [teacher] + [s.as_variant() for s in students]
-        variants, failed_steps = compress_stage(
-            bases, students, config, data, corpus_emb, artifacts, plan.device
-        )
-        quality, speed = measure_variants(
-            variants, data, heldout_emb, config.benchmark, artifacts, plan.device
-        )
+        device = plan.device
+        with dask_pool(config.runner, mlflow.get_tracking_uri()):
+            students = train_students(plan.teacher_dir, config, data, corpus_emb, artifacts, runs, device)
+            bases = [teacher] + [s.as_variant() for s in students]
+            variants, failed_steps = compress_stage(
+                bases, students, config, data, corpus_emb, artifacts, device
+            )
+            quality, speed = measure_variants(
+                variants, data, heldout_emb, config.benchmark, artifacts, device
+            )
         mlflow.log_metrics(
             {
                 # rows whose model came from an earlier run's stored output (derived rows without files of
@@ -189,26 +200,27 @@ def train_students(
     device: str = "cpu",
 ) -> list[TrainedStudent]:
     """Layer-reduced students (the teacher with layers removed), then light pretrained students; each one
-    stored by content key and reused by any later run with the same inputs."""
-    students = [
-        train_student(
-            teacher_dir,
-            spec,
-            data,
-            corpus_emb,
-            config.training,
-            artifacts,
-            max_seq_length=config.teacher.max_seq_length,
-            trust_remote_code=config.teacher.trust_remote_code,
-            runs=runs,
-            device=device,
-        )
+    stored by content key and reused by any later run with the same inputs. Trained in parallel under
+    ``runner.kind=dask``."""
+    options = {
+        "max_seq_length": config.teacher.max_seq_length,
+        "trust_remote_code": config.teacher.trust_remote_code,
+        "runs": runs,
+        "device": device,
+    }
+    layer_reduced: list[Call] = [
+        (train_student, (teacher_dir, spec, data, corpus_emb, config.training, artifacts), options)
         for spec in config.students
     ]
-    return students + [
-        train_light_student(spec, data, corpus_emb, config.training, artifacts, runs=runs, device=device)
+    light: list[Call] = [
+        (
+            train_light_student,
+            (spec, data, corpus_emb, config.training, artifacts),
+            {"runs": runs, "device": device},
+        )
         for spec in config.light_students
     ]
+    return run_tasks(layer_reduced + light)
 
 
 @flow(name="compress-variants", validate_parameters=False)
@@ -222,17 +234,37 @@ def compress_stage(
     device: str = "cpu",
 ) -> tuple[list[Variant], list[StepFailure]]:
     """Static students distilled from the chosen sources, then every compress step (PCA, int8 models, int8
-    and binary vectors, chains); a step that fails becomes a failed row, not a failed run."""
+    and binary vectors, chains); a step that fails becomes a failed row, not a failed run.
+
+    Under ``runner.kind=dask`` the static students are made in parallel, then every step is submitted at
+    once (a static student can be a step's target, so steps wait for them); a chained step is submitted as
+    soon as the step it follows has finished.
+    """
     sources = static_sources(config.static.sources, bases, students)
-    bases = bases + [
-        distill_static_task(source, artifacts, config.static.pca_dims, device=device).as_variant()
-        for source in sources
-    ]
-    compress = config.compress.with_targets(lambda names: resolve_names(names, students))
-    compressed, failed_steps = compress_variants(
-        bases, compress, data, corpus_emb, artifacts, run_step=run_step_as_task, device=device
+    statics = run_tasks(
+        [(distill_static_task, (s, artifacts, config.static.pca_dims), {"device": device}) for s in sources]
     )
+    bases = bases + [static.as_variant() for static in statics]
+    compress = config.compress.with_targets(lambda names: resolve_names(names, students))
+    with dask_tasks() as task_runner:
+        submit_step = partial(_submit_step, task_runner) if task_runner is not None else None
+        compressed, failed_steps = compress_variants(
+            bases,
+            compress,
+            data,
+            corpus_emb,
+            artifacts,
+            run_step=run_step_as_task,
+            submit_step=submit_step,
+            device=device,
+        )
     return bases + compressed, failed_steps
+
+
+def _submit_step(
+    task_runner: DaskTaskRunner, step: CompressStep, base: Variant, inputs: CompressInputs
+) -> PrefectFuture[list[Variant]]:
+    return submit(task_runner, step_task(step, base), base, step, inputs)
 
 
 def corpus_description(config: DataConfig) -> str:

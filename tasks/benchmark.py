@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -48,6 +49,9 @@ from tasks.variants import (
     quantize,
     size_bytes,
 )
+
+if TYPE_CHECKING:
+    from prefect.futures import PrefectFuture
 
 log = logging.getLogger(__name__)
 
@@ -221,18 +225,21 @@ def evaluate_all(
     batch_size: int = 64,
     evaluate: Callable[..., list[QualityResult]] = evaluate_group,
     artifacts: Path | None = None,
+    submit: Callable[..., PrefectFuture[list[QualityResult]]] | None = None,
     device: str = "cpu",
 ) -> list[QualityResult]:
     """Quality of every variant, in variant order; one ``evaluate`` call per network (the flow: the task).
 
     With ``artifacts``, scores of variants with a content key are stored there, and a network whose
-    variants all have stored scores is not encoded again.
+    variants all have stored scores is not encoded again. With ``submit`` (takes ``evaluate``'s arguments
+    and returns a future, e.g. on a Dask cluster), every network to score is submitted at once.
     """
     store = ArtifactStore(artifacts) if artifacts is not None else None
     groups: dict[tuple[str, str, str], list[Variant]] = {}
     for variant in variants:
         groups.setdefault(encoder_key(variant), []).append(variant)
     by_name: dict[str, QualityResult] = {}
+    to_score = []
     for group in groups.values():
         keys = [quality_key(v, data, heldout_teacher, batch_size) if v.key else "" for v in group]
         if store is not None and all(keys):
@@ -242,9 +249,11 @@ def evaluate_all(
                 for variant, entry in zip(group, stored, strict=True):
                     by_name[variant.name] = QualityResult(**entry.result)
                 continue
-        for variant, key, result in zip(
-            group, keys, evaluate(group, data, heldout_teacher, batch_size, device), strict=True
-        ):
+        args = (group, data, heldout_teacher, batch_size, device)
+        to_score.append((group, keys, submit(*args) if submit is not None else None, args))
+    for group, keys, future, args in to_score:
+        results = future.result() if future is not None else evaluate(*args)
+        for variant, key, result in zip(group, keys, results, strict=True):
             by_name[variant.name] = result
             if store is not None and key:
                 store.build(QUALITY_STAGE, key, lambda _out, _work, r=result: r.as_dict())

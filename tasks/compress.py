@@ -18,10 +18,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from prefect import task
+from prefect import Task, task
 
 from tasks.artifacts import ArtifactStore, stage_key
 from tasks.config import (
@@ -41,6 +43,9 @@ from tasks.openvino_quant import quantize_openvino_int8
 from tasks.pca import reduce_with_pca
 from tasks.teacher_cache import CachedEmbeddings
 from tasks.variants import Variant, load_model
+
+if TYPE_CHECKING:
+    from prefect.futures import PrefectFuture
 
 log = logging.getLogger(__name__)
 
@@ -322,20 +327,37 @@ STEPS: dict[str, Callable[..., list[Variant]]] = {
 STEP_TASKS = {name: task(step, name=f"compress-{name}", log_prints=False) for name, step in STEPS.items()}
 
 RunStep = Callable[[CompressStep, Variant, CompressInputs], list[Variant]]
+# Submits a step to a Dask cluster (flows.runner) and returns its Prefect future.
+SubmitStep = Callable[[CompressStep, Variant, CompressInputs], "PrefectFuture[list[Variant]]"]
 
 
 def run_step_in_process(step: CompressStep, base: Variant, inputs: CompressInputs) -> list[Variant]:
     return STEPS[step.technique](base, step, inputs)
 
 
-def run_step_as_task(step: CompressStep, base: Variant, inputs: CompressInputs) -> list[Variant]:
-    """Run a step as its Prefect task, with the step's retries and time limit; raises what it raised."""
-    prefect_task = STEP_TASKS[step.technique].with_options(
+def step_task(step: CompressStep, base: Variant) -> Task[..., list[Variant]]:
+    """The step's Prefect task, named after its target, with the step's retries and time limit."""
+    return STEP_TASKS[step.technique].with_options(
         task_run_name=f"compress-{step.technique}-{base.name}",
         retries=step.retries,
         timeout_seconds=step.timeout_seconds,
     )
-    return prefect_task(base, step, inputs, return_state=True).result()
+
+
+def run_step_as_task(step: CompressStep, base: Variant, inputs: CompressInputs) -> list[Variant]:
+    """Run a step as its Prefect task, with the step's retries and time limit; raises what it raised."""
+    return step_task(step, base)(base, step, inputs, return_state=True).result()
+
+
+Outcome = list[Variant] | Exception  # what a step made, or why it failed
+
+
+def _outcome(step: CompressStep, base: Variant, run: Callable[[], list[Variant]]) -> Outcome:
+    try:
+        return run()
+    except Exception as exc:  # one step's failure is its row's, not the run's
+        log.error("compress step %s on %s failed: %s: %s", step.technique, base.name, type(exc).__name__, exc)
+        return exc
 
 
 def compress_variants(
@@ -345,34 +367,62 @@ def compress_variants(
     corpus_emb: CachedEmbeddings,
     artifacts: Path,
     run_step: RunStep = run_step_in_process,
+    submit_step: SubmitStep | None = None,
     device: str = "cpu",
 ) -> tuple[list[Variant], list[StepFailure]]:
     """New variants made from ``bases`` by the active steps (per base, in step order, each followed by its
-    chained ``then`` steps), and the steps that failed (the rest go on)."""
+    chained ``then`` steps), and the steps that failed (the rest go on).
+
+    With ``submit_step`` (a Dask cluster) every step is submitted at once, and a chained step as soon as the
+    step it follows has made its output; both lists come out in the same order as with ``run_step``.
+    """
     inputs = CompressInputs(data, corpus_emb, Path(artifacts), device)
+    steps = config.active_steps()
+    plan = [(step, base) for base in bases for step in steps if base.name in step.targets]
+    first: list[Outcome] = []
+    chained: dict[tuple[int, int, int], Outcome] = {}  # (plan index, output index, then index)
+    if submit_step is None:
+        for i, (step, base) in enumerate(plan):
+            first.append(_outcome(step, base, partial(run_step, step, base, inputs)))
+            for j, output in enumerate(_made(first[i])):
+                for k, then in enumerate(getattr(step, "then", ())):
+                    chained[i, j, k] = _outcome(then, output, partial(run_step, then, output, inputs))
+    else:
+        from prefect.futures import as_completed
+
+        futures = {submit_step(step, base, inputs): i for i, (step, base) in enumerate(plan)}
+        first = [[] for _ in plan]
+        waiting: dict[tuple[int, int, int], tuple[CompressStep, Variant, PrefectFuture[list[Variant]]]] = {}
+        for future in as_completed(list(futures)):
+            i = futures[future]
+            step, base = plan[i]
+            first[i] = _outcome(step, base, future.result)
+            for j, output in enumerate(_made(first[i])):
+                for k, then in enumerate(getattr(step, "then", ())):
+                    waiting[i, j, k] = (then, output, submit_step(then, output, inputs))
+        chained = {
+            key: _outcome(then, output, future.result) for key, (then, output, future) in waiting.items()
+        }
+
     made: list[Variant] = []
     failures: list[StepFailure] = []
 
-    def attempt(step: CompressStep, base: Variant) -> list[Variant]:
-        try:
-            return run_step(step, base, inputs)
-        except Exception as exc:  # one step's failure is its row's, not the run's
-            log.error(
-                "compress step %s on %s failed: %s: %s", step.technique, base.name, type(exc).__name__, exc
-            )
-            failures.append(StepFailure(base.name, step.technique, f"{type(exc).__name__}: {exc}"))
+    def keep(step: CompressStep, base: Variant, outcome: Outcome) -> list[Variant]:
+        if isinstance(outcome, Exception):
+            failures.append(StepFailure(base.name, step.technique, f"{type(outcome).__name__}: {outcome}"))
             return []
+        return outcome
 
-    steps = config.active_steps()
-    for base in bases:
-        for step in steps:
-            if base.name not in step.targets:
-                continue
-            for output in attempt(step, base):
-                made.append(output)
-                for chained in getattr(step, "then", ()):
-                    made += attempt(chained, output)
+    for i, (step, base) in enumerate(plan):
+        for j, output in enumerate(keep(step, base, first[i])):
+            made.append(output)
+            for k, then in enumerate(getattr(step, "then", ())):
+                made += keep(then, output, chained[i, j, k])
     log.info("compress stage made %d variants: %s", len(made), [v.name for v in made])
     if failures:
         log.warning("compress steps failed: %s", [f.name for f in failures])
     return made, failures
+
+
+def _made(outcome: Outcome) -> list[Variant]:
+    return [] if isinstance(outcome, Exception) else outcome

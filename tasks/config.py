@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -467,6 +468,52 @@ class SelectionConfig(_Frozen):
     min_speedup_gain_pct: float = Field(5.0, ge=0)
 
 
+class RunnerConfig(_Frozen):
+    """Where the DAG's independent work runs.
+
+    Args:
+        kind: ``local``: every task in the flow's process, one after the other. ``dask``: students, static
+            students, compress steps and quality scoring are submitted to a Dask cluster (prefect-dask's
+            ``DaskTaskRunner``) and run in parallel; chained steps wait for the step they follow. Speed is
+            timed either way in the flow's own process, after all other work has finished.
+        address: Scheduler of an existing Dask cluster (``tcp://host:8786``); its workers need this project
+            installed and must reach the Prefect API and the MLflow store. ``None``: the flow starts a
+            ``LocalCluster`` on 127.0.0.1 (no dashboard) and closes it before speed is timed.
+        workers: Worker processes of the ``LocalCluster`` (not with ``address``).
+        threads_per_worker: Tasks each worker runs at once, and torch threads per worker process, so that
+            ``workers x threads_per_worker`` matches the cores (on an existing cluster: torch threads only).
+    """
+
+    kind: Literal["local", "dask"] = "local"
+    address: str | None = None
+    workers: int = Field(default=2, ge=1, le=256)
+    threads_per_worker: int = Field(default=1, ge=1, le=256)
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_address(cls, address: str | None) -> str | None:
+        if address is not None and not re.fullmatch(r"(tcp|tls)://[^\s/:]+:\d{1,5}", address):
+            raise ValueError(
+                f"runner.address {address!r} is not a Dask scheduler address: give tcp://HOST:PORT "
+                "(e.g. tcp://127.0.0.1:8786), or leave it empty to start a LocalCluster"
+            )
+        return address
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> RunnerConfig:
+        if self.address is not None and self.kind != "dask":
+            raise ValueError(
+                f"runner.address is set but runner.kind is {self.kind!r}: set runner.kind=dask to use the "
+                "cluster there, or drop runner.address"
+            )
+        if self.address is not None and "workers" in self.model_fields_set:
+            raise ValueError(
+                "runner.workers sizes the LocalCluster the flow starts; the cluster at runner.address has "
+                "its own workers: drop one of them"
+            )
+        return self
+
+
 class DistillConfig(_Frozen):
     """One distillation experiment: teacher -> layer-reduced students -> benchmark -> MLflow report.
 
@@ -488,6 +535,7 @@ class DistillConfig(_Frozen):
         compress: PCA, model quantization and embedding quantization.
         benchmark: Speed measurement settings.
         tracking: MLflow settings.
+        runner: Where independent work runs: in this process (``local``) or in parallel on Dask.
         selection: The rule that picks the champion and registers it.
         device: Where teacher encoding, training and quality scoring run, and where speed is timed:
             ``auto`` = CUDA when torch sees a GPU, else the CPU. ONNX, OpenVINO and torch-int8 variants
@@ -508,6 +556,7 @@ class DistillConfig(_Frozen):
     compress: CompressionConfig = CompressionConfig()
     benchmark: BenchmarkConfig = BenchmarkConfig()
     tracking: TrackingConfig = TrackingConfig()
+    runner: RunnerConfig = RunnerConfig()
     selection: SelectionConfig = SelectionConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -374,6 +374,18 @@ CASES: list[tuple[str, Setup, str]] = [
         ),
         "a-file",
     ),
+    # runner.kind=dask: a well-formed setting, and a scheduler that answers
+    ("runner-unknown-kind", sets("runner.kind=ray"), "runner.kind: Input should be 'local' or 'dask'"),
+    (
+        "runner-address-without-dask",
+        sets("runner.address=tcp://127.0.0.1:8786"),
+        "runner.address is set but runner.kind is 'local'",
+    ),
+    (
+        "dask-scheduler-unreachable",
+        lambda ctx: ["--set", "runner.kind=dask", "--set", f"runner.address=tcp://127.0.0.1:{free_port()}"],
+        "no Dask scheduler answers there",
+    ),
     # model references: nothing is imported or executed
     ("teacher-evilmod", evil_module("teacher"), "teacher.model='evilmod' is no local folder"),
     ("light-student-evilmod", evil_module("light"), "light_students[].model='evilmod' is no local folder"),

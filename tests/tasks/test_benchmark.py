@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,40 @@ def test_throughput_on_the_cpu_records_the_device(tiny_model_dir: Path, prepared
     )
     assert speed.devices == {"teacher": "cpu"} and speed.reference == {"cpu": "teacher"}
     assert speed.label("teacher").startswith("cpu (")
+
+
+def test_submitted_groups_score_and_store_as_sequential_calls(
+    tiny_model_dir: Path, prepared, tmp_path
+) -> None:
+    """``submit`` (runner.kind=dask) submits every network to score first, then collects them in order: the
+    same scores as one call after the other, stored the same way."""
+    other = build_tiny_model(tmp_path / "other", num_layers=2, seed=1)
+    heldout = get_or_encode(tiny_model_dir, prepared.heldout_file, tmp_path / "cache")
+    variants = [
+        Variant("teacher", "teacher", tiny_model_dir, key="t"),
+        Variant("bits", "embedding-quantized", tiny_model_dir, precision="ubinary", key="t-bits"),
+        Variant("other", "layer-reduced", other, key="o"),
+    ]
+    submitted: list[list[str]] = []
+    scored: list[list[str]] = []
+
+    class Later:  # a future that scores when its result is asked for
+        def __init__(self, *args) -> None:
+            submitted.append([v.name for v in args[0]])
+            self.args = args
+
+        def result(self):
+            scored.append([v.name for v in self.args[0]])
+            return evaluate_group(*self.args)
+
+    one_by_one = evaluate_all(variants, prepared, heldout, 32, artifacts=tmp_path / "a1")
+    at_once = evaluate_all(variants, prepared, heldout, 32, artifacts=tmp_path / "a2", submit=Later)
+    assert _json(at_once) == _json(one_by_one)
+    assert submitted == [["teacher", "bits"], ["other"]] and scored == submitted
+    again = evaluate_all(variants, prepared, heldout, 32, artifacts=tmp_path / "a2", submit=Later)
+    assert _json(again) == _json(one_by_one) and len(submitted) == 2  # stored: nothing submitted again
+
+
+def _json(results: list) -> str:
+    """Results as comparable text (NaN, e.g. a binary variant's MSE, equals NaN here)."""
+    return json.dumps([r.as_dict() for r in results], sort_keys=True)

@@ -208,3 +208,82 @@ def test_the_calibration_method_is_part_of_the_content_key(
         assert ranges.shape == (2, 32)
         out = encode(load_model(variant), variant, ["one sentence", "two sentences"], batch_size=4)
         assert out.dtype == np.int8 and out.shape == (2, 32)
+
+
+# --- submitted steps (runner.kind=dask) ------------------------------------------------------------------
+
+
+class DoneFuture:
+    """A finished future as ``prefect.futures.as_completed`` sees one; ``result()`` runs the step then."""
+
+    _final_state = None
+
+    def __init__(self, run) -> None:
+        self.run = run
+
+    def add_done_callback(self, fn) -> None:
+        fn(self)
+
+    def result(self):
+        return self.run()
+
+
+def fake_step(step, base: Variant, inputs) -> list[Variant]:
+    """Names what a step would make (one variant per PCA dimension); ONNX "crashes"."""
+    if step.technique == "onnx":
+        raise RuntimeError("exporter crashed")
+    made = [f"{step.technique}{d}" for d in step.dims] if step.technique == "pca" else [step.technique]
+    return [base.derive(f"{base.name}-{m}", "quantized", m) for m in made]
+
+
+def test_submitted_steps_give_the_sequential_rows_in_the_same_order(tmp_path: Path) -> None:
+    """Every step submitted at once, a chained one after the step it follows: same rows, same order, same
+    failures as one step after the other."""
+    config = CompressionConfig(
+        steps=[
+            {
+                "technique": "pca",
+                "targets": ["teacher"],
+                "dims": [16, 8],
+                "then": [{"technique": "emb-int8"}],
+            },
+            {"technique": "onnx", "targets": ["teacher", "s"], "then": [{"technique": "emb-int8"}]},
+            {"technique": "emb-binary", "targets": ["teacher", "s"]},
+            {"technique": "onnx-int8", "targets": ["s"], "then": [{"technique": "emb-int8"}]},
+        ]
+    )
+    bases = [
+        Variant("teacher", "teacher", tmp_path, key="t"),
+        Variant("s", "layer-reduced", tmp_path, key="s"),
+    ]
+    submitted: list[tuple[str, str]] = []
+
+    def submit_step(step, base, inputs):
+        submitted.append((step.technique, base.name))
+        return DoneFuture(lambda: fake_step(step, base, inputs))
+
+    one_by_one = compress_variants(bases, config, None, None, tmp_path, run_step=fake_step)
+    at_once = compress_variants(
+        bases, config, None, None, tmp_path, run_step=fake_step, submit_step=submit_step
+    )
+    assert at_once == one_by_one
+    made, failures = at_once
+    assert [v.name for v in made] == [
+        "teacher-pca16",
+        "teacher-pca16-emb-int8",
+        "teacher-pca8",
+        "teacher-pca8-emb-int8",
+        "teacher-emb-binary",
+        "s-emb-binary",
+        "s-onnx-int8",
+        "s-onnx-int8-emb-int8",
+    ]
+    assert [f.name for f in failures] == ["teacher-onnx", "s-onnx"]
+    assert submitted[:6] == [
+        ("pca", "teacher"), ("onnx", "teacher"), ("emb-binary", "teacher"),
+        ("onnx", "s"), ("emb-binary", "s"), ("onnx-int8", "s"),
+    ]  # fmt: skip
+    # chained steps only on what a finished step made (none after the failed ONNX exports)
+    assert sorted(submitted[6:]) == [
+        ("emb-int8", "s-onnx-int8"), ("emb-int8", "teacher-pca16"), ("emb-int8", "teacher-pca8")
+    ]  # fmt: skip
