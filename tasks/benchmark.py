@@ -314,9 +314,7 @@ def measure_throughput(
         )
     cpu_teacher = teacher_on_cpu(variants, device)
     timed = variants + ([cpu_teacher] if cpu_teacher else [])
-    where = {v.name: runs_on(v.backend, device) for v in timed}
-    if cpu_teacher:
-        where[cpu_teacher.name] = "cpu"
+    where = {v.name: "cpu" if v is cpu_teacher else runs_on(v.backend, device) for v in timed}
     models = {}
     for variant in timed:
         shared = next(
