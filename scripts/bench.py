@@ -1,7 +1,7 @@
 """Benchmarks as ratios measured side by side (`make bench`); not a timed test.
 
     .venv/bin/python scripts/bench.py [--only abcd] [--sentences 5000] [--repeats 3] [--out .distill/bench]
-        [--overhead-profile quick|smoke] [--memory-sizes 100000,1000000]
+        [--overhead-profile quick|smoke] [--memory-sizes 100000,1000000] [--device cpu|cuda|auto]
 
 (a) teacher cache: the cache stage's encode throughput (``tasks.teacher_cache.get_or_encode`` on a miss:
     shards, checksums, atomic publish) vs a bare ``SentenceTransformer.encode`` of the same sentences;
@@ -52,6 +52,7 @@ sys.path.insert(0, str(REPO))
 from tasks.benchmark import cpu_name, measure_throughput  # noqa: E402
 from tasks.config import BenchmarkConfig, DataConfig, StudentSpec  # noqa: E402
 from tasks.data import PreparedData, iter_wiki_sentences  # noqa: E402
+from tasks.devices import resolve_device  # noqa: E402
 from tasks.models import load_sentence_transformer, resolve_model_dir  # noqa: E402
 from tasks.students import plan_layers, reduce_layers, transformer_layers  # noqa: E402
 from tasks.teacher_cache import get_or_encode  # noqa: E402
@@ -64,9 +65,11 @@ def wiki_sentences(data_dir: Path, count: int) -> list[str]:
     return [sentence for _, sentence in zip(range(count), sentences, strict=False)]
 
 
-def cache_vs_bare(teacher_dir: Path, sentences: list[str], repeats: int, batch_size: int) -> dict:
-    """Sentences/s of the cache stage (a miss each time) and of a bare encode, interleaved."""
-    model = load_sentence_transformer(teacher_dir)
+def cache_vs_bare(
+    teacher_dir: Path, sentences: list[str], repeats: int, batch_size: int, device: str = "cpu"
+) -> dict:
+    """Sentences/s of the cache stage (a miss each time) and of a bare encode, interleaved, on ``device``."""
+    model = load_sentence_transformer(teacher_dir, device=device)
     model.encode(sentences[:batch_size], batch_size=batch_size)  # warm-up
     timings: dict[str, list[float]] = {"teacher_cache": [], "bare_encode": []}
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
@@ -74,7 +77,9 @@ def cache_vs_bare(teacher_dir: Path, sentences: list[str], repeats: int, batch_s
         corpus.write_text("\n".join(sentences) + "\n", encoding="utf-8")
         for repeat in range(repeats):
             start = time.perf_counter()
-            get_or_encode(teacher_dir, corpus, Path(tmp) / f"cache-{repeat}", batch_size=batch_size)
+            get_or_encode(
+                teacher_dir, corpus, Path(tmp) / f"cache-{repeat}", batch_size=batch_size, device=device
+            )
             timings["teacher_cache"].append(time.perf_counter() - start)
             start = time.perf_counter()
             model.encode(sentences, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
@@ -100,7 +105,9 @@ def flops_per_sentence(model, layers: int, tokens: float) -> float:
     return embeddings + layers * per_layer + pooling
 
 
-def students_vs_flop_limit(teacher_dir: Path, sentences: list[str], config: BenchmarkConfig) -> dict:
+def students_vs_flop_limit(
+    teacher_dir: Path, sentences: list[str], config: BenchmarkConfig, device: str = "cpu"
+) -> dict:
     teacher = load_sentence_transformer(teacher_dir)
     total = len(transformer_layers(teacher))
     tokens = statistics.mean(len(teacher.tokenizer(s, truncation=True)["input_ids"]) for s in sentences)
@@ -116,7 +123,7 @@ def students_vs_flop_limit(teacher_dir: Path, sentences: list[str], config: Benc
             kept[name] = count
         (Path(tmp) / "heldout.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
         data = PreparedData(Path(tmp), "bench", 0, len(sentences), {})
-        speed = measure_throughput(variants, data, config)
+        speed = measure_throughput(variants, data, config, device)
     teacher_sps = speed.sentences_per_second["teacher"]
     rows = []
     for name, count in kept.items():
@@ -131,7 +138,13 @@ def students_vs_flop_limit(teacher_dir: Path, sentences: list[str], config: Benc
                 "share_of_limit": measured / limit,
             }
         )
-    return {"mean_tokens": tokens, "students": rows, "goal": 0.80, "threads": speed.threads}
+    return {
+        "mean_tokens": tokens,
+        "students": rows,
+        "goal": 0.80,
+        "threads": speed.threads,
+        "device": speed.label("teacher"),
+    }
 
 
 # --- (b) orchestration overhead --------------------------------------------------------------------------
@@ -670,9 +683,11 @@ def _header(result: dict) -> str:
         if name in result:
             dates.setdefault(result[name].get("date", result.get("date", "")), []).append(f"({letter})")
     when = "; ".join(f"{', '.join(letters)} {date}" for date, letters in dates.items())
+    device = result.get("students", {}).get("device", "")
+    gpu = f"; (a), (c) on {device}" if device.startswith("cuda") else ""
     return (
-        f"Measured {when} on {result['cpu']} ({result['threads']} threads), teacher {result['teacher']}; "
-        "ratios side by side."
+        f"Measured {when} on {result['cpu']} ({result['threads']} threads){gpu}, teacher "
+        f"{result['teacher']}; ratios side by side."
     )
 
 
@@ -748,6 +763,9 @@ def main() -> int:
         default=",".join(map(str, MEMORY_SIZES)),
         help="corpus sizes for (d), comma-separated (default 100000,1000000)",
     )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="cpu", help="where (a) and (c) run (default cpu)"
+    )
     parser.add_argument("--out", type=Path, default=Path(".distill/bench"))
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--child-args", default="{}", help=argparse.SUPPRESS)
@@ -767,18 +785,19 @@ def main() -> int:
     result.update({"cpu": cpu_name(), "teacher": args.teacher, "date": time.strftime("%Y-%m-%d")})
     result.setdefault("threads", torch.get_num_threads())
     teacher_dir = resolve_model_dir(args.teacher)
+    device = resolve_device(args.device)
     today = {"date": time.strftime("%Y-%m-%d")}
     if "a" in only or "c" in only:
         sentences = wiki_sentences(args.data_dir, args.sentences)
         config = BenchmarkConfig(repeats=args.repeats)
     if "a" in only:
         result["teacher_cache"] = {
-            **cache_vs_bare(teacher_dir, sentences, args.repeats, config.batch_size),
+            **cache_vs_bare(teacher_dir, sentences, args.repeats, config.batch_size, device),
             **today,
         }
     if "c" in only:
         result["students"] = {
-            **students_vs_flop_limit(teacher_dir, sentences[: config.speed_sentences], config),
+            **students_vs_flop_limit(teacher_dir, sentences[: config.speed_sentences], config, device),
             **today,
         }
         result["threads"] = result["students"]["threads"]
