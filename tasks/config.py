@@ -102,13 +102,22 @@ class DataConfig(_Frozen):
 
 
 class StudentSpec(_Frozen):
-    """A student made from the teacher by keeping some of its layers (set num_layers or layers)."""
+    """A student made from the teacher by keeping some of its layers.
+
+    Set ``num_layers`` (evenly spaced layers), ``layers`` (exactly these), or ``num_layers`` with
+    ``layers: auto`` (the layers are chosen by measurement: :mod:`tasks.layer_search`).
+    """
 
     num_layers: int | None = Field(
-        default=None, ge=1, description="Keep this many layers, evenly spaced, always the first and the last."
+        default=None,
+        ge=1,
+        description="Keep this many layers: evenly spaced (always the first and the last), or the budget of "
+        "layers: auto.",
     )
-    layers: tuple[int, ...] | None = Field(
-        default=None, description="Keep exactly these 0-based layer indices instead (no duplicates)."
+    layers: tuple[int, ...] | Literal["auto"] | None = Field(
+        default=None,
+        description="Keep exactly these 0-based layer indices (no duplicates), or `auto`: choose num_layers "
+        "layers by greedy search (MSE to the teacher on corpus sentences).",
     )
     name: str | None = Field(
         default=None, description="Row name in the table; derived from the layers and loss when empty."
@@ -121,11 +130,21 @@ class StudentSpec(_Frozen):
         ),
     )
 
+    @property
+    def auto_layers(self) -> bool:
+        return self.layers == "auto"
+
     @model_validator(mode="after")
     def _one_of(self) -> StudentSpec:
+        if self.auto_layers:
+            if self.num_layers is None:
+                raise ValueError("students[].layers: auto needs num_layers, the number of layers to keep")
+            return self
         if (self.num_layers is None) == (self.layers is None):
-            raise ValueError("a student sets exactly one of num_layers or layers")
-        if self.layers is not None:
+            raise ValueError(
+                "a student sets exactly one of num_layers or layers (or num_layers with layers: auto)"
+            )
+        if isinstance(self.layers, tuple):
             if not self.layers:
                 raise ValueError("students[].layers is empty: list at least one layer index")
             if len(set(self.layers)) != len(self.layers):
@@ -179,6 +198,8 @@ class TrainingConfig(_Frozen):
             start about equal for a 3-of-6-layer MiniLM student (hidden-state MSE is ~40x the embedding MSE).
         mixed_precision: Autocast on a GPU: ``auto`` = bf16 where the GPU has it, else fp16; ``no`` =
             float32. Training on the CPU is always float32. Part of a student's content key.
+        layer_search_sentences: Corpus sentences (evenly strided) on which ``layers: auto`` scores each
+            candidate layer set.
     """
 
     epochs: float = Field(default=1.0, gt=0)
@@ -189,6 +210,7 @@ class TrainingConfig(_Frozen):
     seed: int = 42
     hidden_loss_weight: float = Field(default=0.02, ge=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    layer_search_sentences: int = Field(default=256, ge=8)
 
 
 class BenchmarkConfig(_Frozen):
@@ -589,14 +611,17 @@ _LIGHT_LR = {"learning_rate": 2e-5}
 # Named overrides on top of the defaults above. ``quick`` is the defaults themselves.
 PROFILES: dict[str, dict[str, Any]] = {
     "quick": {},
-    # The exhaustive sweep on the quick profile's teacher and corpus (about 30 minutes on 2 cores): six
-    # students (3, 2 and 1 layers; each loss option), two static students, every compression of three
-    # targets, PCA to 256/128/64/32 dims.
+    # The exhaustive sweep on the quick profile's teacher and corpus (about 35 minutes on 2 cores): eight
+    # students (3, 2 and 1 layers; each loss option; 3 and 1 layers also with layers: auto), two static
+    # students, every compression of three targets, PCA to 256/128/64/32 dims.
     "standard": {
         "students": [
             {"num_layers": 3},
             {"num_layers": 2},
             {"num_layers": 1},
+            # layers chosen by measurement, beside the evenly spaced students of the same count
+            {"num_layers": 3, "layers": "auto"},
+            {"num_layers": 1, "layers": "auto"},
             {"num_layers": 3, "loss": "mse+cosent"},
             {"num_layers": 3, "loss": "mse+hidden"},
             {"num_layers": 2, "loss": "mse+cosent"},

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 class Plan:
     teacher_dir: Path
     teacher_layers: int
-    student_layers: dict[str, tuple[int, ...]]
+    student_layers: dict[str, tuple[int, ...] | str]  # a str for layers: auto (chosen when trained)
     light_students: dict[str, Path]  # name -> resolved model folder
     data: DataCheck | None = None  # the sizes the data step will produce
     device: str = "cpu"  # config.device resolved: cpu or cuda
@@ -57,13 +57,13 @@ def check_inputs(config: DistillConfig) -> Plan:
     mixed_precision(device, config.training.mixed_precision)  # bf16 asked of a GPU without it fails here
     teacher_dir = resolve_model_dir(config.teacher.model, "teacher.model")
     teacher_layers = count_teacher_layers(teacher_dir)
-    student_layers: dict[str, tuple[int, ...]] = {}
+    student_layers: dict[str, tuple[int, ...] | str] = {}
     for spec in config.students:
         layers = plan_layers(teacher_layers, spec)
-        name = student_name(spec, layers, teacher_layers)
+        name = student_name(spec, teacher_layers)
         if name in student_layers:
             raise ValueError(f"two students are both named {name!r}: give one of them a distinct name")
-        student_layers[name] = layers
+        student_layers[name] = f"auto ({spec.num_layers})" if layers is None else layers
     light = _check_light_students(config, teacher_dir, set(student_layers))
     names = [*student_layers, *light]
     data = check_data(config.data)

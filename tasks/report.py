@@ -49,6 +49,7 @@ TABLE_COLUMNS = [
     "embedding_dim",
     "bytes_per_vector",
     "build_seconds",
+    "train_sentences",  # distillation corpus its network was trained on (blank: not trained)
 ]
 # Where a benchmarked model came from (flows/benchmark.py adds these after the others).
 SOURCE_COLUMNS = ("model_ref", "source_run_id", "same_data_as_source", "same_teacher_as_source")
@@ -155,6 +156,7 @@ def build_table(
                 "embedding_dim": q.dim,
                 "bytes_per_vector": q.bytes_per_vector,
                 "build_seconds": variant.build_seconds,
+                "train_sentences": math.nan if variant.train_sentences is None else variant.train_sentences,
                 **{f"heldout_{name}_spearman": value for name, value in suites.items()},
             }
         )
@@ -200,6 +202,7 @@ def format_table(table: pd.DataFrame) -> str:
         "size_mb": 1,
         "size_reduction_vs_teacher": 2,
         "build_seconds": 0,
+        "train_sentences": 0,
     }.items():
         shown[column] = shown[column].map(lambda v, d=digits: "" if pd.isna(v) else f"{v:.{d}f}")
     text = shown.to_markdown(index=False, disable_numparse=True)

@@ -25,7 +25,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -37,6 +37,7 @@ from tasks.artifacts import ArtifactStore, Entry, files_fingerprint, stage_key
 from tasks.config import LightStudentSpec, StudentSpec, TrainingConfig
 from tasks.data import PreparedData, read_sts
 from tasks.devices import device_label, mixed_precision
+from tasks.layer_search import LayerChoice, choose_layers, log_layer_search, probe_rows
 from tasks.models import fingerprint_model_dir, load_sentence_transformer, resolve_model_dir
 from tasks.pca import fit_pca
 from tasks.teacher_cache import CachedEmbeddings, iter_lines, sentences_digest
@@ -80,6 +81,7 @@ class TrainedStudent:
             parent="teacher",
             params={**self.params, "lineage": f"teacher > {self.name}", "loss": self.loss},
             build_seconds=self.train_seconds,
+            train_sentences=self.train_sentences,
             uses_sts_labels="cosent" in self.loss,  # CoSENT trains on the STS-B train labels
             key=self.key,
             reused=self.reused,
@@ -107,13 +109,13 @@ class TrainedStudent:
         )
 
 
-def plan_layers(teacher_layers: int, spec: StudentSpec) -> tuple[int, ...]:
-    """The 0-based teacher layers a student keeps.
+def plan_layers(teacher_layers: int, spec: StudentSpec) -> tuple[int, ...] | None:
+    """The 0-based teacher layers a student keeps (``None`` for ``layers: auto``: searched when trained).
 
     ``num_layers=k`` keeps k evenly spaced layers including the first and the last (k=1 keeps the first);
     an explicit ``layers`` list is checked against the teacher's depth.
     """
-    if spec.layers is not None:
+    if isinstance(spec.layers, tuple):
         layers = tuple(sorted(spec.layers))
         bad = [i for i in layers if not 0 <= i < teacher_layers]
         if bad:
@@ -128,14 +130,19 @@ def plan_layers(teacher_layers: int, spec: StudentSpec) -> tuple[int, ...]:
             f"students[].num_layers={spec.num_layers} exceeds the teacher's {teacher_layers} layers; "
             f"use 1..{teacher_layers}"
         )
+    if spec.auto_layers:
+        return None
     if spec.num_layers == 1:
         return (0,)
     return tuple(int(round(x)) for x in np.linspace(0, teacher_layers - 1, spec.num_layers))
 
 
-def student_name(spec: StudentSpec, layers: tuple[int, ...], teacher_layers: int) -> str:
+def student_name(spec: StudentSpec, teacher_layers: int) -> str:
+    """``layers-<kept>of<total>[-auto][-<loss>]`` unless the spec names itself."""
+    kept = spec.num_layers if spec.num_layers is not None else len(spec.layers or ())
+    choice = "-auto" if spec.auto_layers else ""
     suffix = "" if spec.loss == "mse" else "-" + spec.loss.replace("mse+", "")
-    return spec.name or f"layers-{len(layers)}of{teacher_layers}{suffix}"
+    return spec.name or f"layers-{kept}of{teacher_layers}{choice}{suffix}"
 
 
 def light_student_name(spec: LightStudentSpec) -> str:
@@ -402,7 +409,7 @@ def training_inputs(
     inputs = {
         "targets": corpus_embeddings.key,
         "stsb_train_dev": files_fingerprint(data.sts_file("train"), data.sts_file("dev")),
-        "training": training.model_dump(mode="json", exclude={"mixed_precision"}),
+        "training": training.model_dump(mode="json", exclude={"mixed_precision", "layer_search_sentences"}),
     }
     if precision != "no":
         inputs["mixed_precision"] = precision
@@ -424,11 +431,25 @@ def train_layer_reduced(
 ) -> TrainedStudent:
     """The teacher with layers removed, trained against its cached embeddings (or reused from the store).
 
-    With ``runs``, the student's MLflow child run is opened first and gets its training curves.
+    With ``runs``, the student's MLflow child run is opened first and gets its training curves. With
+    ``layers: auto`` the layers come from :func:`tasks.layer_search.choose_layers` (its candidates are
+    logged to the child run as ``layer_search.json``); the student's key holds the chosen layers, so a
+    student with the same layers is trained once whichever way they were picked.
     """
     teacher_layers = count_teacher_layers(teacher_dir)
+    name = student_name(spec, teacher_layers)
+    run_id = runs.open(name) if runs else None
     layers = plan_layers(teacher_layers, spec)
-    name = student_name(spec, layers, teacher_layers)
+    search: LayerChoice | None = None
+    if layers is None:  # layers: auto
+        assert spec.num_layers is not None
+        load = {"max_seq_length": max_seq_length, "trust_remote_code": trust_remote_code, "device": device}
+        search = _search_layers(
+            teacher_dir, spec.num_layers, data, corpus_embeddings, training, artifacts, **load
+        )
+        layers = search.layers
+        if run_id:
+            log_layer_search(run_id, search)
     precision = mixed_precision(device, training.mixed_precision)
     inputs = {
         "kind": "layer-reduced",
@@ -438,7 +459,6 @@ def train_layer_reduced(
         **training_inputs(data, corpus_embeddings, training, precision),
     }
     key = stage_key(STAGE, STAGE_VERSION, inputs)
-    run_id = runs.open(name) if runs else None
 
     def build(out_dir: Path, work_dir: Path) -> dict:
         from sentence_transformers.sentence_transformer import losses
@@ -473,7 +493,29 @@ def train_layer_reduced(
         return _result(best, seconds, len(dataset), spec.loss, params | trained_on(device, precision))
 
     entry = ArtifactStore(artifacts).build(STAGE, key, build, f"student {name}")
-    return _stored(TrainedStudent.from_entry(name, "layer-reduced", entry, run_id))
+    student = _stored(TrainedStudent.from_entry(name, "layer-reduced", entry, run_id))
+    if search is None:
+        return student
+    # The same layers may be a stored student of another spec: say here how this one chose them.
+    choice = {"layer_choice": "auto", "layer_search_mse": f"{search.mse:.6g}", "layer_search_key": search.key}
+    return replace(student, params={**student.params, **choice})
+
+
+def _search_layers(
+    teacher_dir: Path,
+    budget: int,
+    data: PreparedData,
+    corpus_embeddings: CachedEmbeddings,
+    training: TrainingConfig,
+    artifacts: Path,
+    **load: object,
+) -> LayerChoice:
+    """``layers: auto``: the greedy search on evenly strided corpus sentences and their cached targets;
+    ``load`` holds ``max_seq_length``, ``trust_remote_code`` and ``device``."""
+    count = training.layer_search_sentences
+    probe = probe_rows(corpus_blocks(data.corpus_file, corpus_embeddings), corpus_embeddings.rows, count)
+    key = f"{corpus_embeddings.key}:{count}"
+    return choose_layers(teacher_dir, budget, probe, key, artifacts, batch_size=training.batch_size, **load)
 
 
 def _stored(student: TrainedStudent) -> TrainedStudent:

@@ -46,6 +46,8 @@ class Variant:
         int8_per_channel: For ``torch-int8``: per-channel weight scales (else per tensor).
         params: Extra MLflow params (layers, PCA dims, kernel, ...).
         build_seconds: Time it took to make this variant.
+        train_sentences: Distillation corpus sentences its network was trained on (``None``: not trained,
+            e.g. the teacher or a static model made without training). ``derive`` inherits it.
         uses_sts_labels: Trained on STS-B train labels (CoSENT), or derived from such a variant: its STS-B
             and held-out STS figures are not comparable with label-free rows. ``derive`` inherits it.
         key: Content key: what the variant computes (the teacher's fingerprint, a stored stage output's key,
@@ -65,6 +67,7 @@ class Variant:
     int8_per_channel: bool = True
     params: dict[str, str] = field(default_factory=dict)
     build_seconds: float = 0.0
+    train_sentences: int | None = None
     uses_sts_labels: bool = False
     key: str = ""
     reused: bool = False
@@ -89,6 +92,7 @@ class Variant:
             "backend": self.backend,
             "model_file": self.model_file,
             "uses_sts_labels": self.uses_sts_labels,
+            "train_sentences": self.train_sentences,
             "reused": self.reused,  # nothing of its own stored: as reused as its parent
         }
         return Variant(

@@ -41,6 +41,16 @@ def test_invalid_configs_name_the_problem(path: Path) -> None:
     assert expected in str(info.value)
 
 
+SHIPPED = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_configs_load(path: Path) -> None:
+    """The config files the README tells users to run stay valid."""
+    config = load_config(config_file=path)
+    assert config.students
+
+
 def test_fixture_sets_are_not_empty() -> None:
     assert len(VALID) >= 3 and len(INVALID) >= 5
 
@@ -59,13 +69,15 @@ def test_quick_profile_is_the_defaults() -> None:
 def test_standard_profile_is_the_exhaustive_sweep() -> None:
     config = load_config("standard")
     assert config.teacher == load_config("quick").teacher and config.data == load_config("quick").data
-    assert [(s.num_layers, s.loss) for s in config.students] == [
-        (3, "mse"),
-        (2, "mse"),
-        (1, "mse"),
-        (3, "mse+cosent"),
-        (3, "mse+hidden"),
-        (2, "mse+cosent"),
+    assert [(s.num_layers, s.loss, s.layers) for s in config.students] == [
+        (3, "mse", None),
+        (2, "mse", None),
+        (1, "mse", None),
+        (3, "mse", "auto"),  # beside the evenly spaced ones of the same count
+        (1, "mse", "auto"),
+        (3, "mse+cosent", None),
+        (3, "mse+hidden", None),
+        (2, "mse+cosent", None),
     ]
     assert config.compress.targets() == ("teacher", "layers-3of6", "layers-2of6-cosent")
     assert len(config.compress.steps) == 7 and config.static.sources == ("teacher", "best-student")

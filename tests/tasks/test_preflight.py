@@ -78,3 +78,14 @@ def test_data_errors_are_found_in_preflight(tiny_config_dict: dict, data_dir: Pa
 def test_hub_source_is_not_read(tiny_config_dict: dict) -> None:
     plan = check_inputs(_config(tiny_config_dict, source="hub", data_dir=None))
     assert plan.data is not None and plan.data.corpus_size == 200 and plan.data.sts_pairs == {}
+
+
+def test_auto_layers_are_planned_by_budget_and_checked_against_the_teacher(tiny_config_dict: dict) -> None:
+    raw = copy.deepcopy(tiny_config_dict)
+    raw["students"] = [{"num_layers": 2, "layers": "auto"}, {"num_layers": 2}]
+    raw["compress"], raw["static"] = {"steps": []}, {"sources": []}
+    plan = check_inputs(resolve_config(None, raw))
+    assert plan.student_layers == {"layers-2of4-auto": "auto (2)", "layers-2of4": (0, 3)}
+    raw["students"] = [{"num_layers": 5, "layers": "auto"}]
+    with pytest.raises(ValueError, match="num_layers=5 exceeds the teacher's 4 layers"):
+        check_inputs(resolve_config(None, raw))

@@ -82,6 +82,27 @@ def test_cpu_only_rows_are_compared_with_the_teacher_on_the_cpu() -> None:
     assert "teacher timed on the CPU" in gpu_note(speed) and gpu_note(SpeedResult({}, {}, 1, 1, 1, "")) == ""
 
 
+def test_each_row_states_its_training_corpus(tmp_path: Path) -> None:
+    """train_sentences: the student's corpus size, inherited by rows made from it; blank for the teacher."""
+    student = Variant("s3", "layer-reduced", Path("s"), parent="teacher", train_sentences=12072)
+    variants = [
+        Variant("teacher", "teacher", Path("t")),
+        student,
+        student.derive("s3-int8", "quantized", "x"),
+    ]
+    speed = SpeedResult({"teacher": 100.0, "s3": 250.0, "s3-int8": 260.0}, {}, 1000, 64, 2, "cpu")
+    table = build_table(variants, [_quality(0.8, 90.0), _quality(0.78, 45.0), _quality(0.78, 45.0)], speed)
+    assert math.isnan(table.iloc[0]["train_sentences"])
+    assert list(table["train_sentences"][1:]) == [12072, 12072]
+    assert "train_sentences" in METRIC_COLUMNS
+    shown = format_table(table)
+    assert (
+        "| train_sentences" in shown.splitlines()[0].replace(" |", "|").replace("|", "| ")
+        or "train_sentences" in shown
+    )
+    assert "12072" in shown
+
+
 def test_teacher_must_come_first() -> None:
     with pytest.raises(ValueError, match="first variant must be the teacher"):
         build_table(
