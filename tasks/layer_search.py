@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,7 +28,12 @@ import torch
 from tasks.artifacts import ArtifactStore, stage_key
 from tasks.models import fingerprint_model_dir, load_sentence_transformer
 
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
 log = logging.getLogger(__name__)
+
+Probe = tuple[list[str], np.ndarray]  # sentences and their teacher embeddings
 
 STAGE = "layer-search"
 STAGE_VERSION = 1
@@ -65,7 +71,7 @@ class LayerChoice:
         return [c.as_row() for c in self.candidates]
 
 
-def probe_rows(blocks: Iterable[tuple[list[str], np.ndarray]], total: int, count: int):
+def probe_rows(blocks: Iterable[tuple[list[str], np.ndarray]], total: int, count: int) -> Probe:
     """``count`` evenly strided (sentence, target) rows of a corpus streamed in blocks (all when smaller)."""
     count = min(count, total)
     wanted = set(np.linspace(0, total - 1, count).round().astype(int).tolist()) if count else set()
@@ -114,7 +120,7 @@ def greedy_elimination(
 
 
 def search_layers(
-    model,  # a SentenceTransformer whose first module is a Transformer with encoder.layer
+    model: SentenceTransformer,  # its first module a Transformer with encoder.layer
     budget: int,
     sentences: list[str],
     targets: np.ndarray,
@@ -149,7 +155,7 @@ def search_layers(
 def choose_layers(
     teacher_dir: Path,
     budget: int,
-    probe: tuple[list[str], np.ndarray],
+    probe: Callable[[], Probe],
     probe_key: str,
     artifacts: Path,
     *,
@@ -160,12 +166,9 @@ def choose_layers(
 ) -> LayerChoice:
     """The layers to keep for a ``budget``-layer student (searched once, then reused from the store).
 
-    ``probe`` is (sentences, teacher targets); ``probe_key`` identifies them (the teacher cache key and the
-    probe size), so the store key does not hash the arrays.
+    ``probe()`` returns (sentences, teacher targets), read only when the search runs; ``probe_key``
+    identifies them (the teacher cache key and the probe size), so the store key does not hash the arrays.
     """
-    sentences, targets = probe
-    if not sentences:
-        raise ValueError("layers: auto needs probe sentences, but the distillation corpus is empty")
     inputs = {
         "teacher": fingerprint_model_dir(Path(teacher_dir), max_seq_length),
         "budget": budget,
@@ -176,6 +179,9 @@ def choose_layers(
 
     def build(out_dir: Path, work_dir: Path) -> dict:
         start = time.perf_counter()
+        sentences, targets = probe()
+        if not sentences:
+            raise ValueError("layers: auto needs probe sentences, but the distillation corpus is empty")
         model = load_sentence_transformer(
             teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code, device=device
         )

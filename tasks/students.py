@@ -37,7 +37,7 @@ from tasks.artifacts import ArtifactStore, Entry, files_fingerprint, stage_key
 from tasks.config import LightStudentSpec, StudentSpec, TrainingConfig
 from tasks.data import PreparedData, read_sts
 from tasks.devices import device_label, mixed_precision
-from tasks.layer_search import LayerChoice, choose_layers, log_layer_search, probe_rows
+from tasks.layer_search import LayerChoice, Probe, choose_layers, log_layer_search, probe_rows
 from tasks.models import fingerprint_model_dir, load_sentence_transformer, resolve_model_dir
 from tasks.pca import fit_pca
 from tasks.teacher_cache import CachedEmbeddings, iter_lines, sentences_digest
@@ -513,7 +513,10 @@ def _search_layers(
     """``layers: auto``: the greedy search on evenly strided corpus sentences and their cached targets;
     ``load`` holds ``max_seq_length``, ``trust_remote_code`` and ``device``."""
     count = training.layer_search_sentences
-    probe = probe_rows(corpus_blocks(data.corpus_file, corpus_embeddings), corpus_embeddings.rows, count)
+
+    def probe() -> Probe:
+        return probe_rows(corpus_blocks(data.corpus_file, corpus_embeddings), corpus_embeddings.rows, count)
+
     key = f"{corpus_embeddings.key}:{count}"
     return choose_layers(teacher_dir, budget, probe, key, artifacts, batch_size=training.batch_size, **load)
 

@@ -16,7 +16,7 @@ from tasks.layer_search import (
     search_layers,
 )
 from tasks.models import load_sentence_transformer
-from tasks.students import corpus_blocks, plan_layers, reduce_layers, student_name, train_layer_reduced
+from tasks.students import plan_layers, reduce_layers, student_name, train_layer_reduced
 from tasks.teacher_cache import get_or_encode
 
 
@@ -98,8 +98,9 @@ def test_choice_is_stored_and_reused(tiny_model_dir: Path, tmp_path: Path) -> No
     model = load_sentence_transformer(tiny_model_dir)
     sentences = [f"probe {i}" for i in range(16)]
     probe = (sentences, model.encode(sentences, convert_to_numpy=True))
-    first = choose_layers(tiny_model_dir, 3, probe, "probe-a", tmp_path)
-    again = choose_layers(tiny_model_dir, 3, probe, "probe-a", tmp_path)
+    first = choose_layers(tiny_model_dir, 3, lambda: probe, "probe-a", tmp_path)
+    # a stored search reads no probe
+    again = choose_layers(tiny_model_dir, 3, _never_read, "probe-a", tmp_path)
     assert not first.reused and again.reused
     assert again.layers == first.layers and again.candidates == first.candidates
     assert again.mse == first.mse and len(first.rows()) == 4
@@ -131,7 +132,7 @@ def test_student_with_auto_layers(tiny_model_dir: Path, data_dir: Path, tmp_path
     search = choose_layers(  # the stored search, looked up with the same probe
         tiny_model_dir,
         2,
-        probe_rows(corpus_blocks(data.corpus_file, corpus), corpus.rows, 32),
+        _never_read,
         f"{corpus.key}:32",
         tmp_path / "students",
     )
@@ -148,3 +149,13 @@ def test_every_candidate_is_logged_to_the_students_run(store) -> None:
     logged = pd.DataFrame(saved["data"], columns=saved["columns"])
     assert len(logged) == 4 + 3 and logged["chosen"].sum() == 2
     assert list(logged[logged["chosen"]]["layers"]) == ["0,1,2", "0,1"]
+
+
+def _never_read():
+    raise AssertionError("the probe was read, but the stored search should have been reused")
+
+
+def test_an_empty_probe_is_a_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    empty = ([], np.zeros((0, 32), np.float32))
+    with pytest.raises(ValueError, match="distillation corpus is empty"):
+        choose_layers(tiny_model_dir, 2, lambda: empty, "empty", tmp_path)
