@@ -128,15 +128,13 @@ def search_layers(
     batch_size: int = 64,
 ) -> tuple[tuple[int, ...], float, tuple[Candidate, ...]]:
     """Greedy layer choice on ``model`` (restored to all its layers afterwards)."""
-    from tasks.students import transformer_layers
+    from tasks.students import reduce_layers, transformer_layers
 
-    auto_model = model[0].auto_model
     original = transformer_layers(model)
     depth = len(original)
 
     def score(layers: tuple[int, ...]) -> float:
-        auto_model.encoder.layer = torch.nn.ModuleList([original[i] for i in layers])
-        auto_model.config.num_hidden_layers = len(layers)
+        reduce_layers(model, layers, source=original)
         with torch.inference_mode():
             out = model.encode(
                 sentences, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
@@ -148,8 +146,7 @@ def search_layers(
         mse = next((c.mse for c in reversed(candidates) if c.chosen), None)
         return chosen, (score(chosen) if mse is None else mse), candidates
     finally:
-        auto_model.encoder.layer = original
-        auto_model.config.num_hidden_layers = depth
+        reduce_layers(model, range(depth), source=original)
 
 
 def choose_layers(

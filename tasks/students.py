@@ -163,9 +163,16 @@ def transformer_layers(model: SentenceTransformer) -> torch.nn.ModuleList:
     return layers
 
 
-def reduce_layers(model: SentenceTransformer, layers: tuple[int, ...]) -> SentenceTransformer:
-    """Keep only ``layers`` of the model's transformer (in place); saving and reloading then work."""
-    existing = transformer_layers(model)
+def reduce_layers(
+    model: SentenceTransformer, layers: Iterable[int], source: torch.nn.ModuleList | None = None
+) -> SentenceTransformer:
+    """Keep only ``layers`` of the model's transformer (in place); saving and reloading then work.
+
+    ``source``: the full layer list the indices refer to (default: the model's present layers), so a model
+    already reduced can be re-reduced or restored from its original layers.
+    """
+    existing = transformer_layers(model) if source is None else source
+    layers = tuple(layers)
     model[0].auto_model.encoder.layer = torch.nn.ModuleList([existing[i] for i in layers])
     model[0].auto_model.config.num_hidden_layers = len(layers)
     return model
