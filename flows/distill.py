@@ -36,7 +36,7 @@ from tasks.preflight import check_inputs_task
 from tasks.report import build_table, format_table, publish_summary, write_report
 from tasks.run_states import FLOW_HOOKS
 from tasks.selection import select_champion
-from tasks.static_student import distill_static_task
+from tasks.static_student import distill_static_task, train_static_task
 from tasks.students import TrainedStudent, train_light_student, train_student
 from tasks.teacher_cache import CachedEmbeddings
 from tasks.tracking import ChildRuns, flow_run_tags, log_results, parent_run, run_context
@@ -241,8 +241,17 @@ def compress_stage(
     soon as the step it follows has finished.
     """
     sources = static_sources(config.static.sources, bases, students)
+    load = {"trust_remote_code": config.teacher.trust_remote_code, "device": device}
     statics = run_tasks(
-        [(distill_static_task, (s, artifacts, config.static.pca_dims), {"device": device}) for s in sources]
+        [(distill_static_task, (s, artifacts, config.static.pca_dims), load) for s in sources]
+        + [
+            (
+                train_static_task,
+                (s, data.corpus_file, corpus_emb, artifacts, config.static, config.training.seed),
+                load,
+            )
+            for s in (sources if config.static.train else [])
+        ]
     )
     bases = bases + [static.as_variant() for static in statics]
     compress = config.compress.with_targets(lambda names: resolve_names(names, students))

@@ -28,8 +28,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from distributed.diagnostics.plugin import WorkerPlugin
-
 from tasks.config import RunnerConfig
 
 if TYPE_CHECKING:
@@ -39,8 +37,6 @@ if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
 
 log = logging.getLogger(__name__)
-
-PLUGIN_NAME = "embedding-distill-worker-setup"
 
 
 @dataclass
@@ -87,30 +83,6 @@ def _drain_prefect_services() -> None:
 
 
 _POOL: ContextVar[DaskPool | None] = ContextVar("dask_pool", default=None)
-
-
-class WorkerSetup(WorkerPlugin):
-    """A Dask worker plugin: the flow run's environment (Prefect API, MLflow store) and torch threads.
-
-    Runs on every worker of the cluster, present and future (``Client.register_plugin``).
-    """
-
-    name = PLUGIN_NAME
-
-    def __init__(self, env: dict[str, str], torch_threads: int) -> None:
-        self.env = env
-        self.torch_threads = torch_threads
-
-    def setup(self, worker: object) -> None:
-        logging.getLogger("distributed").setLevel(logging.WARNING)  # start / stop chatter of each worker
-        os.environ.update(self.env)
-        import torch
-
-        torch.set_num_threads(self.torch_threads)
-        if "MLFLOW_TRACKING_URI" in self.env:
-            import mlflow
-
-            mlflow.set_tracking_uri(self.env["MLFLOW_TRACKING_URI"])
 
 
 def prefect_api_url() -> str | None:
@@ -167,9 +139,9 @@ def dask_pool(runner: RunnerConfig, tracking_uri: str | None = None) -> Iterator
     """The flow run's Dask cluster while the block runs (None under ``runner.kind=local``).
 
     Starts a ``LocalCluster`` on 127.0.0.1 (``runner.workers`` x ``runner.threads_per_worker``, no dashboard)
-    or connects to ``runner.address``; registers :class:`WorkerSetup`; and, for the block, sets this
-    process's ``PREFECT_API_URL`` to the API it uses, so that the settings Prefect sends with each task point
-    the workers at it. The cluster is closed when the block ends, also on an error or a signal.
+    or connects to ``runner.address``; registers :class:`flows.dask_worker.WorkerSetup`; and, for the block,
+    sets this process's ``PREFECT_API_URL`` to the API it uses, so that the settings Prefect sends with each
+    task point the workers at it. The cluster is closed when the block ends, also on an error or a signal.
     """
     if runner.kind != "dask":
         yield None
@@ -210,6 +182,8 @@ def dask_pool(runner: RunnerConfig, tracking_uri: str | None = None) -> Iterator
     pool = None
     try:
         pool = DaskPool(address, Client(address, set_as_default=False, timeout=30), cluster)
+        from flows.dask_worker import PLUGIN_NAME, WorkerSetup
+
         pool.client.register_plugin(WorkerSetup(env, runner.threads_per_worker), name=PLUGIN_NAME)
         updates = {PREFECT_API_URL: env["PREFECT_API_URL"]} if "PREFECT_API_URL" in env else {}
         token = _POOL.set(pool)

@@ -238,10 +238,20 @@ class StaticStudentConfig(_Frozen):
         sources: What to distill from: ``teacher``, a student name, or ``best-student`` (the layer-reduced
             student with the best sts-dev score). Empty turns static students off.
         pca_dims: model2vec's PCA output dimensions; ``None`` keeps the source's dimension.
+        train: Also train each static student on the teacher's corpus embeddings (model2vec's tokenlearn
+            recipe): a second row ``<source>-static<dims>-trained`` beside the distilled one.
+        learning_rate: AdamW learning rate of that training (tokenlearn's default).
+        batch_size: Sentences per training step.
+        patience: Stop after this many checks (every 1,000 steps and each epoch's end) without a lower loss
+            on the held-back tenth of the corpus; the best table is kept.
     """
 
     sources: tuple[str, ...] = ("teacher",)
     pca_dims: int | None = Field(default=256, ge=2)
+    train: bool = True
+    learning_rate: float = Field(default=1e-3, gt=0, lt=1)
+    batch_size: int = Field(default=256, ge=1)
+    patience: int = Field(default=5, ge=1)
 
 
 class _Step(_Frozen):

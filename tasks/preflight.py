@@ -22,6 +22,7 @@ from tasks.config import (
     OnnxStep,
     OpenVinoInt8Step,
     PcaStep,
+    StaticStudentConfig,
     TorchInt8Step,
 )
 from tasks.data import DataCheck, check_data
@@ -30,7 +31,7 @@ from tasks.models import resolve_model_dir
 from tasks.onnx_export import check_onnx_installed, pick_kernel
 from tasks.openvino_quant import check_openvino_installed
 from tasks.pca import PcaConfigError, check_pca_dims
-from tasks.static_student import check_model2vec_installed
+from tasks.static_student import MIN_TRAIN_SENTENCES, check_model2vec_installed
 from tasks.students import count_teacher_layers, light_student_name, plan_layers, student_name
 from tasks.torch_quant import check_patterns
 
@@ -70,7 +71,7 @@ def check_inputs(config: DistillConfig) -> Plan:
     corpus_size = data.corpus_size if config.data.source == "local" else None
     _check_light_pca(config, teacher_dir, light, corpus_size)
     _check_compress(config, teacher_dir, names, corpus_size)
-    _check_static(config, teacher_dir, names)
+    _check_static(config, teacher_dir, names, corpus_size)
     log.info(
         "teacher %s (%d layers); students %s; light students %s; corpus %d sentences, held-out %d; on %s",
         teacher_dir,
@@ -137,7 +138,7 @@ def _check_compress(
 ) -> None:
     """Each active step: its targets name variants, its settings fit the teacher, the corpus and this CPU."""
     compress = config.compress
-    known = ["teacher", *students, *([BEST_STUDENT] if students else [])]
+    known = ["teacher", *students, *([BEST_STUDENT] if students else []), *static_names(config.static)]
     dim = _embedding_dim(teacher_dir)
     chosen = set(compress.techniques) if compress.techniques is not None else None
     for index, step in enumerate(compress.steps):
@@ -188,7 +189,17 @@ def _embedding_dim(model_dir: Path) -> int:
     return dim
 
 
-def _check_static(config: DistillConfig, teacher_dir: Path, students: list[str]) -> None:
+def static_names(static: StaticStudentConfig) -> list[str]:
+    """Rows the static students add, by source name (``best-student``'s is known only after training)."""
+    suffixes = [f"-static{static.pca_dims or ''}"]
+    if static.train:
+        suffixes.append(f"{suffixes[0]}-trained")
+    return [f"{source}{suffix}" for source in static.sources if source != BEST_STUDENT for suffix in suffixes]
+
+
+def _check_static(
+    config: DistillConfig, teacher_dir: Path, students: list[str], corpus_size: int | None
+) -> None:
     static = config.static
     if not static.sources:
         return
@@ -201,4 +212,9 @@ def _check_static(config: DistillConfig, teacher_dir: Path, students: list[str])
     dim = _embedding_dim(teacher_dir)
     if static.pca_dims is not None and static.pca_dims > dim:
         raise ValueError(f"static.pca_dims: {static.pca_dims} exceeds the teacher's dimension {dim}")
-    check_model2vec_installed()
+    if static.train and corpus_size is not None and corpus_size < MIN_TRAIN_SENTENCES:
+        raise ValueError(
+            f"static.train needs at least {MIN_TRAIN_SENTENCES} corpus sentences, the corpus has "
+            f"{corpus_size}: raise data.corpus_wiki_sentences or set static.train to false"
+        )
+    check_model2vec_installed(train=static.train)

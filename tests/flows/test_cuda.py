@@ -57,7 +57,8 @@ def test_the_dag_runs_on_cuda(tmp_path: Path, tiny_model_dir, tiny_light_model_d
     assert all(math.isfinite(v) and v > 0 for v in gpu["speedup_vs_teacher"])
 
     # rows without training: the same scores as on the CPU (float32 on both; summation order differs)
-    trained = gpu["lineage"].str.contains(r"^teacher > (?:layers-|ends|light)")  # the trained students
+    # the trained students and static students, and rows made from them
+    trained = gpu["lineage"].str.contains(r"^teacher > (?:layers-|ends|light)|static\d*-trained")
     for column in QUALITY:
         pd.testing.assert_series_equal(gpu.loc[~trained, column], cpu.loc[~trained, column], atol=2e-3)
     assert gpu.loc[~trained, "embedding_dim"].equals(cpu.loc[~trained, "embedding_dim"])
@@ -78,3 +79,7 @@ def test_the_dag_runs_on_cuda(tmp_path: Path, tiny_model_dir, tiny_light_model_d
     for student in trained_students:
         assert student.data.params["train_device"] == f"cuda ({name})"
         assert student.data.params["mixed_precision"] == precision
+    trained_static = [s for s in students if s.data.params.get("static_training") == "tokenlearn"]
+    assert len(trained_static) == 2  # from the teacher and from the "ends" student, trained on the GPU
+    assert {s.data.params["train_device"] for s in trained_static} == {f"cuda ({name})"}
+    assert gpu.loc[gpu["lineage"].str.endswith("static16-trained"), "sts_test_spearman"].notna().all()

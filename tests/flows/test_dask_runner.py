@@ -32,6 +32,8 @@ VARIANTS = [
     "light",
     "teacher-static16",
     "ends-static16",
+    "teacher-static16-trained",
+    "ends-static16-trained",
     "teacher-pca16",
     "teacher-pca8",
     "teacher-emb-int8",
@@ -125,6 +127,7 @@ def test_dask_workers_report_to_the_flow_runs_prefect_server(local_and_dask) -> 
         by_flow.setdefault(flow_name, []).append(task_name)
     assert sum(n.startswith("train-") for n in by_flow["train-students"]) == 3
     assert sum(n.startswith("distill-static") for n in by_flow["compress-variants"]) == 2
+    assert sum(n.startswith("train-static") for n in by_flow["compress-variants"]) == 2
     assert sum(n.startswith("compress-") for n in by_flow["compress-variants"]) == 6  # 5 steps + 1 chained
     assert sum(n.startswith("evaluate-quality") for n in by_flow["measure-variants"]) >= 8  # one per network
 

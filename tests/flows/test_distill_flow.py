@@ -3,6 +3,7 @@ server each time and one MLflow SQLite store (the ``two_runs`` fixture of confte
 table land, and the second run hits the teacher cache (it records encoding nothing with the teacher)."""
 
 import json
+import math
 from pathlib import Path
 
 import mlflow
@@ -19,6 +20,8 @@ EXPECTED_VARIANTS = [
     "light",
     "teacher-static16",
     "ends-static16",
+    "teacher-static16-trained",
+    "ends-static16-trained",
     "teacher-pca16",
     "teacher-pca8",
     "teacher-emb-int8",
@@ -86,6 +89,16 @@ def test_child_run_per_variant_with_stable_metrics(two_runs) -> None:
     assert {c.data.params["uses_sts_labels"] for c in children} == {"false"}  # no CoSENT student here
     twin = by_name["layers-2of4"]
     assert twin.data.params["artifact_key"] == student.data.params["artifact_key"]
+    trained_static = by_name["ends-static16-trained"]  # tokenlearn on the corpus, initialised from ends
+    assert trained_static.data.params["static_training"] == "tokenlearn"
+    assert trained_static.data.params["lineage"] == "teacher > ends > static16-trained"
+    assert 0 < trained_static.data.metrics["train_sentences"] < 200
+    # a distilled table states its source's corpus: the student's, none for the teacher's
+    assert (
+        by_name["ends-static16"].data.metrics["train_sentences"]
+        == by_name["ends"].data.metrics["train_sentences"]
+    )
+    assert math.isnan(by_name["teacher-static16"].data.metrics.get("train_sentences", math.nan))
 
 
 def test_child_runs_of_two_flow_runs_compare(two_runs) -> None:
@@ -94,7 +107,8 @@ def test_child_runs_of_two_flow_runs_compare(two_runs) -> None:
     students = mlflow.search_runs(
         [experiment.experiment_id], filter_string="params.kind = 'student'", output_format="list"
     )
-    assert len(students) == 2 * 5  # layers-2of4, ends, light, two static students; in each flow run
+    # layers-2of4, ends, light, two static students and the two trained from them; in each flow run
+    assert len(students) == 2 * 7
     context = (
         "profile",
         "teacher",

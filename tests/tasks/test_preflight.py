@@ -89,3 +89,39 @@ def test_auto_layers_are_planned_by_budget_and_checked_against_the_teacher(tiny_
     raw["students"] = [{"num_layers": 5, "layers": "auto"}]
     with pytest.raises(ValueError, match="num_layers=5 exceeds the teacher's 4 layers"):
         check_inputs(resolve_config(None, raw))
+
+
+@pytest.mark.parametrize(
+    ("static", "target", "error"),
+    [
+        ({"sources": ["teacher"], "pca_dims": 16}, "teacher-static16-trained", None),
+        ({"sources": ["teacher"], "pca_dims": 16}, "teacher-static16", None),
+        (
+            {"sources": ["teacher"], "pca_dims": 16, "train": False},
+            "teacher-static16-trained",
+            "name no variant",
+        ),
+        ({"sources": ["teacher"], "pca_dims": 8}, "teacher-static16", "name no variant"),
+    ],
+)
+def test_static_rows_can_be_compressed(tiny_config_dict: dict, static: dict, target: str, error: str | None):
+    raw = copy.deepcopy(tiny_config_dict)
+    raw["static"] = static
+    raw["compress"] = {
+        "steps": [{"technique": "emb-int8", "targets": [target], "calibration_sentences": 100}]
+    }
+    if error is None:
+        check_inputs(resolve_config(None, raw))
+    else:
+        with pytest.raises(ValueError, match=error):
+            check_inputs(resolve_config(None, raw))
+
+
+def test_trained_static_student_needs_corpus_sentences(tiny_config_dict: dict) -> None:
+    raw = copy.deepcopy(tiny_config_dict)
+    raw["data"]["corpus_wiki_sentences"] = 9
+    raw["compress"] = {"steps": []}
+    with pytest.raises(ValueError, match="static.train needs at least 10 corpus sentences, the corpus has 9"):
+        check_inputs(resolve_config(None, raw))
+    raw["static"]["train"] = False
+    check_inputs(resolve_config(None, raw))
