@@ -36,11 +36,12 @@ from tasks.config import (
     OpenVinoInt8Step,
     PcaStep,
     TorchInt8Step,
+    TruncateStep,
 )
 from tasks.data import PreparedData, read_lines
 from tasks.onnx_export import export_onnx, pick_kernel
 from tasks.openvino_quant import quantize_openvino_int8
-from tasks.pca import reduce_with_pca
+from tasks.pca import append_truncation, reduce_with_pca
 from tasks.teacher_cache import CachedEmbeddings
 from tasks.variants import Variant, load_model
 
@@ -158,6 +159,32 @@ def pca_step(base: Variant, step: PcaStep, inputs: CompressInputs) -> list[Varia
                     "fit_sentences": str(step.fit_sentences),
                     "explained_variance": f"{entry.result['explained_variance']:.4f}",
                 },
+                model_dir=entry.path / "model",
+                build_seconds=entry.result["seconds"],
+                key=key,
+                reused=entry.reused,
+            )
+        )
+    return made
+
+
+def truncate_step(base: Variant, step: TruncateStep, inputs: CompressInputs) -> list[Variant]:
+    made = []
+    for dims in step.dims:
+
+        def build(out_dir: Path, _work: Path, dims: int = dims) -> dict:
+            start = time.perf_counter()
+            append_truncation(base.model_dir, dims, out_dir / "model")
+            return {"seconds": time.perf_counter() - start}
+
+        key = inputs.key("truncate", base, dims=dims)
+        entry = inputs.store().build("truncate", key, build, f"{base.name}-dim{dims}")
+        made.append(
+            base.derive(
+                f"{base.name}-dim{dims}",
+                "truncated",
+                f"truncate{dims}",
+                {"truncate_dims": str(dims)},
                 model_dir=entry.path / "model",
                 build_seconds=entry.result["seconds"],
                 key=key,
@@ -316,6 +343,7 @@ def onnx_int8_step(base: Variant, step: OnnxInt8Step, inputs: CompressInputs) ->
 
 STEPS: dict[str, Callable[..., list[Variant]]] = {
     "pca": pca_step,
+    "truncate": truncate_step,
     "emb-int8": emb_int8_step,
     "emb-binary": emb_binary_step,
     "torch-int8": torch_int8_step,

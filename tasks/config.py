@@ -25,7 +25,7 @@ ProfileName = Literal["smoke", "quick", "standard", "full"]
 StudentLoss = Literal["mse", "mse+cosent", "mse+hidden"]
 # Compression techniques as a person picks them in the Prefect form (``compressions``).
 Technique = Literal[
-    "pca", "torch-int8", "onnx", "onnx-int8", "openvino-int8", "emb-int8", "emb-binary", "chain"
+    "pca", "truncate", "torch-int8", "onnx", "onnx-int8", "openvino-int8", "emb-int8", "emb-binary", "chain"
 ]
 TECHNIQUES: tuple[str, ...] = get_args(Technique)
 
@@ -339,7 +339,20 @@ class _ModelStep(_Step):
         return self
 
 
-class PcaStep(_ModelStep):
+class _DimsStep(_ModelStep):
+    """A step that keeps fewer dimensions: one row per entry of ``dims``."""
+
+    dims: tuple[int, ...] = (256, 128, 64, 32)
+
+    @field_validator("dims")
+    @classmethod
+    def _positive_dims(cls, dims: tuple[int, ...]) -> tuple[int, ...]:
+        if not dims or any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+            raise ValueError(f"dims {list(dims)}: give distinct positive dimensions")
+        return dims
+
+
+class PcaStep(_DimsStep):
     """PCA (scikit-learn, fitted on corpus embeddings) appended to the model as a ``Dense`` layer.
 
     Args:
@@ -348,15 +361,19 @@ class PcaStep(_ModelStep):
     """
 
     technique: Literal["pca"] = "pca"
-    dims: tuple[int, ...] = (256, 128, 64, 32)
     fit_sentences: int = Field(default=5_000, ge=10)
 
-    @field_validator("dims")
-    @classmethod
-    def _positive_dims(cls, dims: tuple[int, ...]) -> tuple[int, ...]:
-        if not dims or any(d < 1 for d in dims) or len(set(dims)) != len(dims):
-            raise ValueError(f"dims {list(dims)}: give distinct positive dimensions")
-        return dims
+
+class TruncateStep(_DimsStep):
+    """The first ``dims`` dimensions of the model's vectors, as a Matryoshka model is used: a ``Dense`` layer
+    that keeps them, nothing fitted. Beside PCA at the same dims it shows which way of dropping dimensions
+    keeps more.
+
+    Args:
+        dims: Output dimensions, one row each.
+    """
+
+    technique: Literal["truncate"] = "truncate"
 
 
 class TorchInt8Step(_ModelStep):
@@ -402,7 +419,14 @@ class OpenVinoInt8Step(_ModelStep):
 
 
 CompressStep = Annotated[
-    PcaStep | TorchInt8Step | OnnxStep | OnnxInt8Step | OpenVinoInt8Step | EmbInt8Step | EmbBinaryStep,
+    PcaStep
+    | TruncateStep
+    | TorchInt8Step
+    | OnnxStep
+    | OnnxInt8Step
+    | OpenVinoInt8Step
+    | EmbInt8Step
+    | EmbBinaryStep,
     Field(discriminator="technique"),
 ]
 # The standard profile compresses the teacher, the 3-layer MSE student and the 2-layer MSE+CoSENT student
@@ -414,10 +438,10 @@ class CompressionConfig(_Frozen):
     """Compressions applied after training, as a list of steps; each result is a row of its own.
 
     Args:
-        steps: Each step names its ``technique`` (pca, torch-int8, onnx, onnx-int8, openvino-int8,
-            emb-int8, emb-binary), its ``targets`` and its settings; a model step's ``then`` chains
-            embedding steps onto its output (e.g. ONNX int8 model -> int8 vectors). Every step runs as its
-            own Prefect task per target: one that fails marks its rows failed and the others go on.
+        steps: Each step names its ``technique`` (pca, truncate, torch-int8, onnx, onnx-int8,
+            openvino-int8, emb-int8, emb-binary), its ``targets`` and its settings; a model step's ``then``
+            chains embedding steps onto its output (e.g. ONNX int8 model -> int8 vectors). Every step runs as
+            its own Prefect task per target: one that fails marks its rows failed and the others go on.
         techniques: Run only the steps of these techniques (``chain``: keep the ``then`` steps); ``None``:
             all. The Prefect form's ``compressions`` field sets it.
     """
@@ -640,6 +664,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "compress": {
             "steps": [
                 {"technique": "pca", "targets": ["teacher"], "dims": [256, 128, 64, 32]},
+                {"technique": "truncate", "targets": ["teacher"], "dims": [256, 128, 64, 32]},
                 {"technique": "emb-int8", "targets": _STANDARD_TARGETS},
                 {"technique": "emb-binary", "targets": _STANDARD_TARGETS},
                 {"technique": "torch-int8", "targets": _STANDARD_TARGETS},
@@ -691,6 +716,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "compress": {
             "steps": [
                 {"technique": "pca", "targets": ["teacher"], "dims": [512, 256, 128, 64]},
+                {"technique": "truncate", "targets": ["teacher"], "dims": [512, 256, 128, 64]},
                 {"technique": "emb-int8", "targets": _FULL_TARGETS},
                 {"technique": "emb-binary", "targets": _FULL_TARGETS},
                 # mpnet's FFN down-projection loses too much in dynamic int8: kept in float32

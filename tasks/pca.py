@@ -1,4 +1,4 @@
-"""PCA dimension reduction appended to a model as a ``Dense`` layer.
+"""Dimension reduction appended to a model as a ``Dense`` layer: PCA, or truncation to the first dimensions.
 
 The PCA (scikit-learn) is fitted on the model's own embeddings of corpus sentences (never evaluation
 sentences); for the teacher those are the cached teacher embeddings. The projection, centring included,
@@ -67,6 +67,25 @@ def append_pca(model_dir: Path, pca: PCA, out_dir: Path) -> Path:
     with torch.no_grad():
         dense.linear.weight.copy_(components)
         dense.linear.bias.copy_(-torch.tensor(pca.mean_, dtype=torch.float32) @ components.T)
+    model.append(dense)
+    with atomic_dir(out_dir) as tmp:
+        model.save(str(tmp))
+    return Path(out_dir)
+
+
+def append_truncation(model_dir: Path, dims: int, out_dir: Path) -> Path:
+    """Save ``model_dir`` + a ``Dense`` layer that keeps the first ``dims`` output dimensions (identity rows,
+    no bias) to ``out_dir``: what ``truncate_dim`` does at encode time, stored so that every backend and
+    export sees it."""
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    model = load_sentence_transformer(model_dir)
+    full = model.get_embedding_dimension()
+    if not 1 <= dims <= full:
+        raise PcaConfigError(f"dims: {dims} is not in 1..{full} (the model's embedding dimension)")
+    dense = Dense(in_features=full, out_features=dims, bias=False, activation_function=torch.nn.Identity())
+    with torch.no_grad():
+        dense.linear.weight.copy_(torch.eye(full, dtype=torch.float32)[:dims])
     model.append(dense)
     with atomic_dir(out_dir) as tmp:
         model.save(str(tmp))

@@ -24,6 +24,7 @@ from tasks.config import (
     PcaStep,
     StaticStudentConfig,
     TorchInt8Step,
+    TruncateStep,
 )
 from tasks.data import DataCheck, check_data
 from tasks.devices import device_label, mixed_precision, resolve_device
@@ -158,6 +159,12 @@ def _check_compress(
 def _check_step(
     config: DistillConfig, field: str, step: CompressStep, dim: int, corpus_size: int | None
 ) -> None:
+    if isinstance(step, TruncateStep):
+        for dims in step.dims:
+            if dims > dim:
+                raise PcaConfigError(
+                    f"{field}.dims: {dims} is not in 1..{dim} (the teacher's embedding dimension)"
+                )
     if isinstance(step, PcaStep):
         for dims in step.dims:
             check_pca_dims(dims, dim, step.fit_sentences, f"{field}.dims")

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["teacher", "layer-reduced", "light", "static", "pca", "quantized", "embedding-quantized"]
+Kind = Literal[
+    "teacher", "layer-reduced", "light", "static", "pca", "truncated", "quantized", "embedding-quantized"
+]
 Precision = Literal["float32", "int8", "ubinary"]
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".xml")
 # Files beside a graph that hold its weights: ONNX external data, OpenVINO's .bin next to the .xml.
@@ -34,7 +36,7 @@ class Variant:
 
     Args:
         name: Row name (also the MLflow child-run name).
-        kind: teacher / layer-reduced / light / static / pca / quantized / embedding-quantized.
+        kind: teacher / layer-reduced / light / static / pca / truncated / quantized / embedding-quantized.
         model_dir: SentenceTransformer folder.
         parent: The variant this one was made from (lineage).
         backend: ``torch``, ``onnx``, ``openvino`` or ``torch-int8`` (dynamic int8 applied at load).

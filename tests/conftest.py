@@ -106,6 +106,7 @@ def tiny_compress_steps(targets: list[str]) -> list[dict]:
     """Every technique on ``targets`` (PCA on the first), sized for the tiny model and corpus."""
     return [
         {"technique": "pca", "targets": targets[:1], "dims": [16, 8], "fit_sentences": 100},
+        {"technique": "truncate", "targets": targets[:1], "dims": [16, 8]},
         {"technique": "emb-int8", "targets": targets, "calibration_sentences": 100},
         {"technique": "emb-binary", "targets": targets},
         {"technique": "torch-int8", "targets": targets},

@@ -36,6 +36,8 @@ VARIANTS = [
     "ends-static16-trained",
     "teacher-pca16",
     "teacher-pca8",
+    "teacher-dim16",
+    "teacher-dim8",
     "teacher-emb-int8",
     "ends-emb-int8",
     "ends-torch-int8",

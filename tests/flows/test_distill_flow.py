@@ -24,6 +24,8 @@ EXPECTED_VARIANTS = [
     "ends-static16-trained",
     "teacher-pca16",
     "teacher-pca8",
+    "teacher-dim16",
+    "teacher-dim8",
     "teacher-emb-int8",
     "teacher-emb-binary",
     "teacher-torch-int8",

@@ -28,6 +28,8 @@ def test_compress_makes_every_variant_with_lineage(tiny_model_dir: Path, prepare
     assert set(by_name) == {
         "teacher-pca16",
         "teacher-pca8",
+        "teacher-dim16",
+        "teacher-dim8",
         "teacher-emb-int8",
         "teacher-torch-int8",
         "teacher-emb-binary",
@@ -46,6 +48,10 @@ def test_compress_makes_every_variant_with_lineage(tiny_model_dir: Path, prepare
         out = encode(load_model(variant), variant, ["one sentence", "two sentences"], batch_size=4)
         if variant.kind == "pca":
             assert out.shape == (2, int(variant.params["pca_dims"])) and out.dtype == np.float32
+        elif variant.kind == "truncated":
+            assert variant.lineage == f"teacher > truncate{variant.params['truncate_dims']}"
+            full = encode(load_model(teacher), teacher, ["one sentence", "two sentences"], batch_size=4)
+            np.testing.assert_allclose(out, full[:, : int(variant.params["truncate_dims"])], atol=1e-6)
         elif variant.precision == "int8":
             assert out.shape == (2, 32) and out.dtype == np.int8
         elif variant.precision == "ubinary":

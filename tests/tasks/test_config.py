@@ -80,9 +80,9 @@ def test_standard_profile_is_the_exhaustive_sweep() -> None:
         (2, "mse+cosent", None),
     ]
     assert config.compress.targets() == ("teacher", "layers-3of6", "layers-2of6-cosent")
-    assert len(config.compress.steps) == 7 and config.static.sources == ("teacher", "best-student")
+    assert len(config.compress.steps) == 8 and config.static.sources == ("teacher", "best-student")
     assert [s.technique for s in config.compress.steps] == [
-        "pca", "emb-int8", "emb-binary", "torch-int8", "openvino-int8", "onnx", "onnx-int8"
+        "pca", "truncate", "emb-int8", "emb-binary", "torch-int8", "openvino-int8", "onnx", "onnx-int8"
     ]  # fmt: skip
     assert [s.technique for s in config.compress.steps[-1].then] == ["emb-int8"]  # the int8 chain
     assert config.benchmark.speed_sentences >= 1000 and config.benchmark.repeats >= 3

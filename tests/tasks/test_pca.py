@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tasks.models import load_sentence_transformer
-from tasks.pca import PcaConfigError, check_pca_dims, reduce_with_pca
+from tasks.pca import PcaConfigError, append_truncation, check_pca_dims, reduce_with_pca
 
 
 def test_pca_model_saves_loads_and_encodes_k_dims(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -33,3 +33,20 @@ def test_pca_model_saves_loads_and_encodes_k_dims(tiny_model_dir: Path, tmp_path
 def test_impossible_dims_are_refused(dims: int, model_dim: int, rows: int, message: str) -> None:
     with pytest.raises(PcaConfigError, match=message):
         check_pca_dims(dims, model_dim, rows)
+
+
+@pytest.mark.parametrize("dims", [1, 8, 32])
+def test_truncation_keeps_the_first_dims(tiny_model_dir: Path, tmp_path: Path, dims: int) -> None:
+    sentences = ["a test sentence", "another one"]
+    full = load_sentence_transformer(tiny_model_dir).encode(sentences)
+    truncated = load_sentence_transformer(append_truncation(tiny_model_dir, dims, tmp_path / "cut")).encode(
+        sentences
+    )
+    np.testing.assert_allclose(truncated, full[:, :dims], atol=1e-6)
+
+
+@pytest.mark.parametrize("dims", [0, 33])
+def test_truncation_beyond_the_model_is_refused(tiny_model_dir: Path, tmp_path: Path, dims: int) -> None:
+    with pytest.raises(PcaConfigError, match=r"not in 1..32"):
+        append_truncation(tiny_model_dir, dims, tmp_path / "cut")
+    assert not (tmp_path / "cut").exists()
