@@ -35,10 +35,15 @@ class PcaResult:
     seconds: float
 
 
-def check_pca_dims(dims: int, model_dim: int, fit_rows: int, field: str = "dims") -> None:
-    """``field`` names the dimensions in messages; its sibling ``fit_sentences`` the fitting rows."""
+def check_dims(dims: int, model_dim: int, field: str = "dims") -> None:
+    """Output dimensions a reduction of a ``model_dim``-dimensional model can have (``field`` names them)."""
     if not 1 <= dims <= model_dim:
         raise PcaConfigError(f"{field}: {dims} is not in 1..{model_dim} (the model's embedding dimension)")
+
+
+def check_pca_dims(dims: int, model_dim: int, fit_rows: int, field: str = "dims") -> None:
+    """``field`` names the dimensions in messages; its sibling ``fit_sentences`` the fitting rows."""
+    check_dims(dims, model_dim, field)
     if dims > fit_rows:
         sibling = field.rsplit(".", 1)[0] + ".fit_sentences" if "." in field else "fit_sentences"
         raise PcaConfigError(
@@ -81,8 +86,7 @@ def append_truncation(model_dir: Path, dims: int, out_dir: Path) -> Path:
 
     model = load_sentence_transformer(model_dir)
     full = model.get_embedding_dimension()
-    if not 1 <= dims <= full:
-        raise PcaConfigError(f"dims: {dims} is not in 1..{full} (the model's embedding dimension)")
+    check_dims(dims, full)
     dense = Dense(in_features=full, out_features=dims, bias=False, activation_function=torch.nn.Identity())
     with torch.no_grad():
         dense.linear.weight.copy_(torch.eye(full, dtype=torch.float32)[:dims])

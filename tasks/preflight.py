@@ -31,8 +31,8 @@ from tasks.devices import device_label, mixed_precision, resolve_device
 from tasks.models import resolve_model_dir
 from tasks.onnx_export import check_onnx_installed, pick_kernel
 from tasks.openvino_quant import check_openvino_installed
-from tasks.pca import PcaConfigError, check_pca_dims
-from tasks.static_student import MIN_TRAIN_SENTENCES, check_model2vec_installed
+from tasks.pca import PcaConfigError, check_dims, check_pca_dims
+from tasks.static_student import check_model2vec_installed, check_training_corpus
 from tasks.students import count_teacher_layers, light_student_name, plan_layers, student_name
 from tasks.torch_quant import check_patterns
 
@@ -161,10 +161,7 @@ def _check_step(
 ) -> None:
     if isinstance(step, TruncateStep):
         for dims in step.dims:
-            if dims > dim:
-                raise PcaConfigError(
-                    f"{field}.dims: {dims} is not in 1..{dim} (the teacher's embedding dimension)"
-                )
+            check_dims(dims, dim, f"{field}.dims")
     if isinstance(step, PcaStep):
         for dims in step.dims:
             check_pca_dims(dims, dim, step.fit_sentences, f"{field}.dims")
@@ -219,9 +216,6 @@ def _check_static(
     dim = _embedding_dim(teacher_dir)
     if static.pca_dims is not None and static.pca_dims > dim:
         raise ValueError(f"static.pca_dims: {static.pca_dims} exceeds the teacher's dimension {dim}")
-    if static.train and corpus_size is not None and corpus_size < MIN_TRAIN_SENTENCES:
-        raise ValueError(
-            f"static.train needs at least {MIN_TRAIN_SENTENCES} corpus sentences, the corpus has "
-            f"{corpus_size}: raise data.corpus_wiki_sentences or set static.train to false"
-        )
+    if static.train and corpus_size is not None:
+        check_training_corpus(corpus_size)
     check_model2vec_installed(train=static.train)

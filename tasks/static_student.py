@@ -26,7 +26,7 @@ from tasks.artifacts import ArtifactStore, stage_key
 from tasks.config import StaticStudentConfig
 from tasks.devices import device_label
 from tasks.pca import fit_pca
-from tasks.teacher_cache import CachedEmbeddings, iter_lines
+from tasks.teacher_cache import CachedEmbeddings
 from tasks.variants import Variant
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,14 @@ def distill_static(
     )
 
 
+def check_training_corpus(sentences: int) -> None:
+    if sentences < MIN_TRAIN_SENTENCES:
+        raise ValueError(
+            f"static.train needs at least {MIN_TRAIN_SENTENCES} corpus sentences, the corpus has "
+            f"{sentences}: raise data.corpus_wiki_sentences or set static.train to false"
+        )
+
+
 def train_static(
     source: Variant,
     corpus_file: Path,
@@ -151,11 +159,7 @@ def train_static(
     import model2vec
 
     rows = corpus_embeddings.rows
-    if rows < MIN_TRAIN_SENTENCES:
-        raise ValueError(
-            f"static.train needs at least {MIN_TRAIN_SENTENCES} corpus sentences, the corpus has {rows}: "
-            f"raise data.corpus_wiki_sentences or set static.train to false"
-        )
+    check_training_corpus(rows)
     dims = settings.pca_dims or corpus_embeddings.dim
     name = f"{source.name}-static{settings.pca_dims or ''}-trained"
     inputs = {
@@ -177,11 +181,12 @@ def train_static(
         from sentence_transformers.sentence_transformer.modules import StaticEmbedding
         from tokenlearn.pretrain import TextDataset, train_supervised
 
+        from tasks.students import corpus_blocks
+
         start = time.perf_counter()
-        texts = list(iter_lines(corpus_file))
-        if len(texts) != rows:
-            raise ValueError(f"{corpus_file} has {len(texts)} sentences but {rows} cached embeddings")
-        targets = np.asarray(corpus_embeddings.load(), dtype=np.float32)
+        blocks = list(corpus_blocks(corpus_file, corpus_embeddings))  # sentences paired with their vectors
+        texts = [text for block_texts, _ in blocks for text in block_texts]
+        targets = np.concatenate([vectors for _, vectors in blocks]).astype(np.float32)
         pca = fit_pca(targets, dims, seed)
         targets = pca.transform(targets).astype(np.float32)
         held_back = min(MAX_VALIDATION_ROWS, max(1, rows // 10))
