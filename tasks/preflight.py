@@ -32,7 +32,7 @@ from tasks.models import resolve_model_dir
 from tasks.onnx_export import check_onnx_installed, pick_kernel
 from tasks.openvino_quant import check_openvino_installed
 from tasks.pca import PcaConfigError, check_dims, check_pca_dims
-from tasks.static_student import check_model2vec_installed, check_training_corpus
+from tasks.static_student import check_model2vec_installed, check_training_corpus, static_step
 from tasks.students import count_teacher_layers, light_student_name, plan_layers, student_name
 from tasks.torch_quant import check_patterns
 
@@ -195,10 +195,10 @@ def _embedding_dim(model_dir: Path) -> int:
 
 def static_names(static: StaticStudentConfig) -> list[str]:
     """Rows the static students add, by source name (``best-student``'s is known only after training)."""
-    suffixes = [f"-static{static.pca_dims or ''}"]
-    if static.train:
-        suffixes.append(f"{suffixes[0]}-trained")
-    return [f"{source}{suffix}" for source in static.sources if source != BEST_STUDENT for suffix in suffixes]
+    steps = [
+        static_step(static.pca_dims, trained) for trained in ([False, True] if static.train else [False])
+    ]
+    return [f"{source}-{step}" for source in static.sources if source != BEST_STUDENT for step in steps]
 
 
 def _check_static(

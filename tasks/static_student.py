@@ -40,6 +40,11 @@ MAX_VALIDATION_ROWS = 10_000
 MIN_TRAIN_SENTENCES = 10
 
 
+def static_step(pca_dims: int | None, trained: bool = False) -> str:
+    """The lineage step of a static student, and its row name after ``<source>-``: ``static256[-trained]``."""
+    return f"static{pca_dims or ''}" + ("-trained" if trained else "")
+
+
 @dataclass(frozen=True)
 class StaticStudent:
     name: str
@@ -53,7 +58,7 @@ class StaticStudent:
     params: tuple[tuple[str, str], ...] = ()
 
     def as_variant(self) -> Variant:
-        step = f"static{self.pca_dims or ''}" + ("-trained" if self.train_sentences else "")
+        step = static_step(self.pca_dims, trained=bool(self.train_sentences))
         # a distilled table inherits its source's corpus size (a student's); a trained one states its own
         trained = {"train_sentences": self.train_sentences} if self.train_sentences else {}
         return self.source.derive(
@@ -99,7 +104,7 @@ def distill_static(
     check_model2vec_installed()
     import model2vec
 
-    name = f"{source.name}-static{pca_dims or ''}"
+    name = f"{source.name}-{static_step(pca_dims)}"
     inputs = {"source": source.key, "pca_dims": pca_dims, "model2vec": model2vec.__version__}
     key = stage_key(STAGE, STAGE_VERSION, inputs)
 
@@ -161,7 +166,7 @@ def train_static(
     rows = corpus_embeddings.rows
     check_training_corpus(rows)
     dims = settings.pca_dims or corpus_embeddings.dim
-    name = f"{source.name}-static{settings.pca_dims or ''}-trained"
+    name = f"{source.name}-{static_step(settings.pca_dims, trained=True)}"
     inputs = {
         "source": source.key,
         "pca_dims": settings.pca_dims,
