@@ -47,6 +47,7 @@ from tasks.variants import (
     load_model,
     pair_similarity,
     quantize,
+    rescored_similarity,
     size_bytes,
 )
 
@@ -82,24 +83,35 @@ def encoder_key(variant: Variant) -> tuple[str, str, str]:
     return (str(variant.model_dir), variant.backend, variant.model_file or "")
 
 
-def _score(pairs: StsPairs, lookup: dict[str, np.ndarray], variant: Variant) -> tuple[float, float]:
-    a = np.stack([lookup[s] for s in pairs.sentences1])
+def _score(
+    pairs: StsPairs, lookup: dict[str, np.ndarray], variant: Variant, floats: dict[str, np.ndarray]
+) -> tuple[float, float]:
+    """Spearman and Pearson of the variant's similarities (``floats``: the query side when it rescores)."""
     b = np.stack([lookup[s] for s in pairs.sentences2])
-    sims = pair_similarity(a, b, variant.precision)
+    if variant.rescore:
+        sims = rescored_similarity(np.stack([floats[s] for s in pairs.sentences1]), b)
+    else:
+        sims = pair_similarity(np.stack([lookup[s] for s in pairs.sentences1]), b, variant.precision)
     return float(spearmanr(sims, pairs.scores)[0]), float(pearsonr(sims, pairs.scores)[0])
 
 
-def agreement_spearman(teacher: np.ndarray, vectors: np.ndarray, precision: Precision) -> float:
+def agreement_spearman(
+    teacher: np.ndarray, vectors: np.ndarray, precision: Precision, queries: np.ndarray | None = None
+) -> float:
     """Spearman between the teacher's cosine and the variant's similarity on fixed pairs of held-out rows.
 
     Row i is paired with row i + n//2 (both arrays in held-out file order); ``vectors`` are stored as the
-    variant stores them, so int8 / binary variants use their own similarity. Needs no labels and works for
-    any dimension.
+    variant stores them, so int8 / binary variants use their own similarity. With ``queries`` (the float
+    vectors of a rescoring variant) the first row of each pair is the float query. Needs no labels and works
+    for any dimension.
     """
     if len(vectors) != len(teacher):
         raise ValueError(f"{len(vectors)} variant rows but {len(teacher)} teacher rows")
     half = len(teacher) // 2
-    ours = pair_similarity(vectors[:half], vectors[half : 2 * half], precision)
+    if queries is not None:
+        ours = rescored_similarity(queries[:half], vectors[half : 2 * half])
+    else:
+        ours = pair_similarity(vectors[:half], vectors[half : 2 * half], precision)
     theirs = pair_similarity(teacher[:half], teacher[half : 2 * half], "float32")
     return float(spearmanr(ours, theirs)[0])
 
@@ -139,12 +151,22 @@ def evaluate_group(
     results = []
     for variant in variants:
         lookup = dict(zip(sentences, quantize(floats, variant), strict=True))
+        float_lookup = dict(zip(sentences, floats, strict=True))
         scores = {}
         for prefix, pairs in sets.items():
-            scores[f"{prefix}_spearman"], scores[f"{prefix}_pearson"] = _score(pairs, lookup, variant)
-        heldout_scores = {name: _score(pairs, lookup, variant)[0] for name, pairs in suites.items()}
-        agreement = agreement_spearman(teacher, quantize(heldout_floats, variant), variant.precision)
-        comparable = variant.precision == "float32" and heldout_floats.shape[1] == teacher.shape[1]
+            scores[f"{prefix}_spearman"], scores[f"{prefix}_pearson"] = _score(
+                pairs, lookup, variant, float_lookup
+            )
+        heldout_scores = {
+            name: _score(pairs, lookup, variant, float_lookup)[0] for name, pairs in suites.items()
+        }
+        queries = heldout_floats if variant.rescore else None
+        agreement = agreement_spearman(teacher, quantize(heldout_floats, variant), variant.precision, queries)
+        comparable = (
+            variant.precision == "float32"
+            and heldout_floats.shape[1] == teacher.shape[1]
+            and not variant.rotated
+        )
         mse = float(((teacher - heldout_floats) ** 2).mean() * 100) if comparable else float("nan")
         dim = int(floats.shape[1])
         results.append(
@@ -215,6 +237,8 @@ def quality_key(
         "heldout_teacher": heldout_teacher.key,
         "batch_size": batch_size,
     }
+    if variant.rotated:  # no MSE to the teacher for it (other rows keep their keys)
+        inputs["rotated"] = True
     return stage_key(QUALITY_STAGE, QUALITY_VERSION, inputs)
 
 

@@ -235,13 +235,20 @@ def emb_int8_step(base: Variant, step: EmbInt8Step, inputs: CompressInputs) -> l
 
 
 def emb_binary_step(base: Variant, step: EmbBinaryStep, inputs: CompressInputs) -> list[Variant]:
-    """Binary vectors (1 bit per dimension): nothing to fit or store."""
-    return [
-        base.derive(
-            f"{base.name}-emb-binary", "embedding-quantized", "emb-ubinary", {"calibration_sentences": "0"},
-            precision="ubinary",
-        )
-    ]  # fmt: skip
+    """Binary vectors (1 bit per dimension): nothing to fit or store; with ``rescore``, also the row that
+    scores them against float queries."""
+    binary = base.derive(
+        f"{base.name}-emb-binary", "embedding-quantized", "emb-ubinary", {"calibration_sentences": "0"},
+        precision="ubinary",
+    )  # fmt: skip
+    if not step.rescore:
+        return [binary]
+    rescored = base.derive(
+        f"{base.name}-emb-binary-rescore", "embedding-quantized", "emb-ubinary-rescore",
+        {"calibration_sentences": "0", "rescore": "float query vs binary vector"},
+        precision="ubinary", rescore=True,
+    )  # fmt: skip
+    return [binary, rescored]
 
 
 def torch_int8_step(base: Variant, step: TorchInt8Step, inputs: CompressInputs) -> list[Variant]:

@@ -22,7 +22,7 @@ DATA_DIR_ENV = "DISTILL_DATA_DIR"
 WORK_DIR_ENV = "DISTILL_WORK_DIR"
 
 ProfileName = Literal["smoke", "quick", "standard", "full"]
-StudentLoss = Literal["mse", "mse+cosent", "mse+hidden"]
+StudentLoss = Literal["mse", "mse+cosent", "mse+hidden", "mse+matryoshka"]
 # Compression techniques as a person picks them in the Prefect form (``compressions``).
 Technique = Literal[
     "pca", "truncate", "torch-int8", "onnx", "onnx-int8", "openvino-int8", "emb-int8", "emb-binary", "chain"
@@ -126,7 +126,9 @@ class StudentSpec(_Frozen):
         default="mse",
         description=(
             "mse: MSE to the teacher's embeddings; mse+cosent: plus CoSENT on the STS-B train labels; "
-            "mse+hidden: plus MSE between each kept layer's hidden states and the teacher layer's."
+            "mse+hidden: plus MSE between each kept layer's hidden states and the teacher layer's; "
+            "mse+matryoshka: a Matryoshka student, its first training.matryoshka_dims dimensions usable on "
+            "their own (truncate it with the truncate technique)."
         ),
     )
 
@@ -200,6 +202,9 @@ class TrainingConfig(_Frozen):
             float32. Training on the CPU is always float32. Part of a student's content key.
         layer_search_sentences: Corpus sentences (evenly strided) on which ``layers: auto`` scores each
             candidate layer set.
+        matryoshka_dims: The prefix dimensions an ``mse+matryoshka`` student is trained to serve (each below
+            the teacher's dimension); its best checkpoint is the one with the best mean sts-dev Spearman over
+            the full dimension and these.
     """
 
     epochs: float = Field(default=1.0, gt=0)
@@ -211,6 +216,16 @@ class TrainingConfig(_Frozen):
     hidden_loss_weight: float = Field(default=0.02, ge=0)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     layer_search_sentences: int = Field(default=256, ge=8)
+    matryoshka_dims: tuple[int, ...] = (256, 128, 64, 32)
+
+    @field_validator("matryoshka_dims")
+    @classmethod
+    def _matryoshka_dims(cls, dims: tuple[int, ...]) -> tuple[int, ...]:
+        if not dims:
+            raise ValueError("list at least one dimension (e.g. [256, 128, 64, 32])")
+        if min(dims) < 1 or len(set(dims)) != len(dims):
+            raise ValueError(f"{list(dims)}: each dimension must be positive and listed once")
+        return tuple(sorted(dims, reverse=True))
 
 
 class BenchmarkConfig(_Frozen):
@@ -314,9 +329,16 @@ class EmbInt8Step(_Step):
 
 
 class EmbBinaryStep(_Step):
-    """Binary vectors: 1 bit per dimension (sign), compared by Hamming distance."""
+    """Binary vectors: 1 bit per dimension (sign), compared by Hamming distance.
+
+    Args:
+        rescore: Also a ``-rescore`` row: the stored vectors stay binary, but each is scored against the other
+            sentence's float vector (the query, never stored), as sentence-transformers' binary retrieval
+            rescores its candidates. Same bytes per stored vector; the query side costs a float encoding.
+    """
 
     technique: Literal["emb-binary"] = "emb-binary"
+    rescore: bool = False
 
 
 # Steps that store vectors differently; they can follow a model step (``then``), making a chain.
@@ -451,7 +473,7 @@ class CompressionConfig(_Frozen):
     steps: tuple[CompressStep, ...] = (
         PcaStep(targets=("teacher",), dims=(128,)),
         EmbInt8Step(targets=("teacher",)),
-        EmbBinaryStep(targets=("teacher",)),
+        EmbBinaryStep(targets=("teacher",), rescore=True),
         OpenVinoInt8Step(targets=("layers-3of6",), then=(EmbInt8Step(),)),
     )
     techniques: tuple[Technique, ...] | None = None
@@ -499,12 +521,17 @@ class SelectionConfig(_Frozen):
 
     The champion is the fastest variant (``speedup_vs_teacher``, measured in the run) that keeps at least
     ``min_retention_pct`` of the teacher's STS-B **dev** Spearman (selection on dev; test is what is
-    reported), within the optional storage limits. It is registered in MLflow's model registry and gets the
+    reported) and ranks sentence pairs like the teacher (``min_agreement``, label-free), within the optional
+    storage limits. It is registered in MLflow's model registry and gets the
     alias ``champion`` only when it beats the current champion on the same rule (same teacher, same dev
     set) by ``min_speedup_gain_pct``.
 
     Args:
         min_retention_pct: Least STS-B dev Spearman kept, in % of the teacher's.
+        min_agreement: Least agreement with the teacher: Spearman between the variant's and the teacher's
+            cosine similarities on pairs of Wikipedia sentences outside the corpus (the table's
+            ``heldout_agreement_spearman``; no labels). A variant can hold STS-B dev while ranking other
+            text unlike the teacher (static students: 0.3-0.6; 3-layer students: ~0.8). ``None``: not checked.
         max_bytes_per_vector: Largest stored vector, in bytes (e.g. 384 for 384 int8 dims); ``None``: any.
         max_size_mb: Largest model on disk, in MB; ``None``: any.
         allow_sts_labels: Let variants trained on STS-B train labels (CoSENT students and what is made from
@@ -516,6 +543,7 @@ class SelectionConfig(_Frozen):
     """
 
     min_retention_pct: float = Field(98.0, gt=0, le=200)
+    min_agreement: float | None = Field(0.7, ge=-1, le=1)
     max_bytes_per_vector: int | None = Field(None, gt=0)
     max_size_mb: float | None = Field(None, gt=0)
     allow_sts_labels: bool = False
@@ -666,7 +694,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                 {"technique": "pca", "targets": ["teacher"], "dims": [256, 128, 64, 32]},
                 {"technique": "truncate", "targets": ["teacher"], "dims": [256, 128, 64, 32]},
                 {"technique": "emb-int8", "targets": _STANDARD_TARGETS},
-                {"technique": "emb-binary", "targets": _STANDARD_TARGETS},
+                {"technique": "emb-binary", "targets": _STANDARD_TARGETS, "rescore": True},
                 {"technique": "torch-int8", "targets": _STANDARD_TARGETS},
                 {"technique": "openvino-int8", "targets": _STANDARD_TARGETS},
                 {"technique": "onnx", "targets": _STANDARD_TARGETS},
@@ -718,7 +746,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                 {"technique": "pca", "targets": ["teacher"], "dims": [512, 256, 128, 64]},
                 {"technique": "truncate", "targets": ["teacher"], "dims": [512, 256, 128, 64]},
                 {"technique": "emb-int8", "targets": _FULL_TARGETS},
-                {"technique": "emb-binary", "targets": _FULL_TARGETS},
+                {"technique": "emb-binary", "targets": _FULL_TARGETS, "rescore": True},
                 # mpnet's FFN down-projection loses too much in dynamic int8: kept in float32
                 {
                     "technique": "torch-int8",

@@ -1,9 +1,11 @@
 """Pick the champion by the configured rule and put it in MLflow's model registry.
 
 The rule (:class:`tasks.config.SelectionConfig`): the fastest variant, by the speed-up measured in the run,
-that keeps at least ``min_retention_pct`` of the teacher's STS-B **dev** Spearman, within the storage
-limits; variants that saw STS-B train labels only compete when ``allow_sts_labels`` says so. The STS-B test
-split and the held-out suites are never looked at: they are what the table reports.
+that keeps at least ``min_retention_pct`` of the teacher's STS-B **dev** Spearman and at least
+``min_agreement`` agreement with the teacher (label-free: how alike the two rank pairs of Wikipedia sentences
+outside the corpus), within the storage limits; variants that saw STS-B train labels only compete when
+``allow_sts_labels`` says so. The STS-B test split and the held-out STS suites are never looked at: they are
+what the table reports.
 
 The chosen variant is registered (one new version of ``<experiment>-student``) and takes the alias
 ``champion`` only when it beats the current champion on the same rule: same teacher and same dev set, and
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CHAMPION_ALIAS = "champion"
 DEV_RETENTION = "sts_dev_retention_pct"
+AGREEMENT = "heldout_agreement_spearman"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ def choose_champion(table: pd.DataFrame, rule: SelectionConfig) -> Choice:
     checks = [
         (candidates[DEV_RETENTION] >= rule.min_retention_pct, f"keep >= {rule.min_retention_pct:g}% dev"),
     ]
+    if rule.min_agreement is not None:
+        agreement = candidates.get(AGREEMENT, pd.Series(math.nan, index=candidates.index)).astype(float)
+        checks.append((agreement >= rule.min_agreement, f"agreement >= {rule.min_agreement:g}"))
     if not rule.allow_sts_labels:
         checks.append((~candidates["uses_sts_labels"].astype(bool), "label-free (allow_sts_labels off)"))
     if rule.max_bytes_per_vector is not None:
@@ -84,7 +90,8 @@ def choose_champion(table: pd.DataFrame, rule: SelectionConfig) -> Choice:
         return Choice(
             None,
             f"no variant meets the rule ({rule_text}); the best dev retention was {best['variant']} "
-            f"at {best[DEV_RETENTION]:.1f}%. Lower selection.min_retention_pct or add stronger students",
+            f"at {best[DEV_RETENTION]:.1f}%. Lower selection.min_retention_pct (or selection.min_agreement) "
+            "or add stronger students",
         )
     best = eligible.sort_values(["speedup_vs_teacher", DEV_RETENTION], ascending=False).iloc[0]
     return Choice(
@@ -104,6 +111,7 @@ def version_tags(row: dict, context: dict[str, str]) -> dict[str, str]:
         "sts_test_retention_pct": row["sts_test_retention_pct"],
         "sts_test_spearman": row["sts_test_spearman"],
         "speedup_vs_teacher": row["speedup_vs_teacher"],
+        AGREEMENT: row.get(AGREEMENT),
         "sentences_per_second": row["sentences_per_second"],
         "bytes_per_vector": row["bytes_per_vector"],
         "size_mb": row["size_mb"],
@@ -214,6 +222,8 @@ def _fails_rule(tags: dict[str, str], rule: SelectionConfig) -> str:
 
     if not number("sts_dev_retention_pct") >= rule.min_retention_pct:
         return f"{number('sts_dev_retention_pct'):.1f}% dev < {rule.min_retention_pct:g}%"
+    if rule.min_agreement is not None and not number(AGREEMENT) >= rule.min_agreement:
+        return f"agreement {number(AGREEMENT):.2f} < {rule.min_agreement:g}"
     if not rule.allow_sts_labels and tags.get("uses_sts_labels") == "true":
         return "it saw STS-B labels and allow_sts_labels is off"
     if rule.max_bytes_per_vector is not None and not number("bytes_per_vector") <= rule.max_bytes_per_vector:

@@ -9,7 +9,8 @@ Two ways to get a student (the two options of sentence-transformers' "Model Dist
 
 Losses: ``MSELoss`` to the teacher's sentence embeddings; optionally plus ``CoSENTLoss`` on the STS-B train
 labels, or plus hidden-state MSE between each kept layer and the teacher layer it came from
-(:class:`HiddenStateMSELoss`, layer-reduced students only). The best sts-dev checkpoint is kept.
+(:class:`HiddenStateMSELoss`, layer-reduced students only), or, for a Matryoshka student, MSE plus the
+similarities of each prefix (:class:`MatryoshkaDistillLoss`). The best sts-dev checkpoint is kept.
 
 Each student is a content-addressed stage output (:mod:`tasks.artifacts`): its key hashes the teacher, the
 cached targets, the layers, the loss, the training settings and the STS-B train/dev files, so an unchanged
@@ -83,6 +84,7 @@ class TrainedStudent:
             build_seconds=self.train_seconds,
             train_sentences=self.train_sentences,
             uses_sts_labels="cosent" in self.loss,  # CoSENT trains on the STS-B train labels
+            rotated="matryoshka" in self.loss,  # its output axes are the teacher's principal axes
             key=self.key,
             reused=self.reused,
         )
@@ -276,6 +278,88 @@ class HiddenStateMSELoss(torch.nn.Module):
         return {"teacher_layers": list(self.teacher_layers), "weight": self.weight}
 
 
+class MatryoshkaDistillLoss(torch.nn.Module):
+    """MSE to the teacher's (rotated) embedding, plus, for each prefix ``d`` of ``dims``, MSE between the
+    in-batch cosine-similarity matrix of the student's first ``d`` dimensions and the teacher's full one.
+
+    Used for ``mse+matryoshka`` students, which start as the teacher's layers plus an orthogonal rotation onto
+    the principal axes of its corpus embeddings (:func:`principal_rotation`), so each prefix starts out as a
+    PCA of that size. Not ``MatryoshkaLoss(MSELoss)``: that truncates the embedding labels too, pulling each
+    prefix towards the teacher's own prefix (the PCA the rotation already gives). The similarity term pulls
+    each prefix towards the teacher's full-dimension similarities, which is what a truncated vector is for.
+    """
+
+    def __init__(self, model: SentenceTransformer, dims: Iterable[int], weight: float = 1.0) -> None:
+        super().__init__()
+        self.model, self.dims, self.weight = model, tuple(dims), weight
+
+    def forward(self, sentence_features: list[dict[str, torch.Tensor]], labels: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        embeddings = self.model(sentence_features[0])["sentence_embedding"]
+        labels = labels.to(embeddings.dtype)
+        loss = F.mse_loss(embeddings, labels)
+        teacher = F.normalize(labels, dim=1)
+        teacher_similarity = teacher @ teacher.T
+        for dim in self.dims:
+            prefix = F.normalize(embeddings[:, :dim], dim=1)
+            loss = loss + self.weight * F.mse_loss(prefix @ prefix.T, teacher_similarity)
+        return loss
+
+    def get_config_dict(self) -> dict[str, object]:
+        return {"dims": list(self.dims), "weight": self.weight}
+
+
+ROTATION_SENTENCES = 5_000  # corpus embeddings (evenly strided) the Matryoshka rotation is fitted on
+
+
+def principal_rotation(targets: np.ndarray) -> np.ndarray:
+    """The (dim, dim) orthogonal matrix whose rows are the uncentred principal axes of ``targets``, largest
+    first: ``x @ R.T`` keeps every cosine and puts the most variance in the first dimensions."""
+    _, _, rotation = np.linalg.svd(np.asarray(targets, dtype=np.float64), full_matrices=True)
+    return rotation.astype(np.float32)
+
+
+def append_rotation(model: SentenceTransformer, rotation: np.ndarray) -> SentenceTransformer:
+    """Append ``rotation`` as a bias-free ``Dense`` layer (in place); the model saves and loads as usual."""
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    dense = Dense(rotation.shape[1], rotation.shape[0], bias=False, activation_function=torch.nn.Identity())
+    with torch.no_grad():
+        dense.linear.weight.copy_(torch.from_numpy(rotation))
+    model.append(dense.to(model.device))
+    return model
+
+
+def _rotated(blocks: Blocks, rotation: np.ndarray) -> Iterator[tuple[list[str], np.ndarray]]:
+    for texts, targets in blocks:
+        yield texts, np.asarray(targets, dtype=np.float32) @ rotation.T
+
+
+def _dev_evaluator(data: PreparedData, training: TrainingConfig, dims: tuple[int, ...] = ()) -> object:
+    """sts-dev, scored during training; with ``dims`` (a Matryoshka student) at the full dimension and each
+    prefix, the checkpoint score being their mean."""
+    from sentence_transformers.sentence_transformer import evaluation
+
+    dev = read_sts(data.sts_file("dev"))
+
+    def scorer(dim: int | None) -> object:
+        return evaluation.EmbeddingSimilarityEvaluator(
+            dev.sentences1,
+            dev.sentences2,
+            dev.scores,
+            name="sts-dev" if dim is None else f"sts-dev-{dim}",
+            batch_size=training.batch_size,
+            truncate_dim=dim,
+        )
+
+    if not dims:
+        return scorer(None)
+    return evaluation.SequentialEvaluator(
+        [scorer(None), *(scorer(d) for d in dims)], main_score_function=lambda scores: float(np.mean(scores))
+    )
+
+
 def _stsb_pairs(data: PreparedData):
     from datasets import Dataset
 
@@ -296,9 +380,11 @@ def _fit(
     work_dir: Path,
     run_id: str | None = None,
     device: str = "cpu",
+    matryoshka_dims: tuple[int, ...] = (),
 ) -> float | None:
     """Train with the Trainer, score sts-dev during training, save the best checkpoint to ``out_dir/model``
-    and the Trainer's log history to ``out_dir/training_log.json``.
+    and the Trainer's log history to ``out_dir/training_log.json``. With ``matryoshka_dims`` the best
+    checkpoint is the one with the best mean sts-dev Spearman over the full dimension and those prefixes.
 
     Checkpoints go to ``work_dir/checkpoints``; when one is there already (a killed run), training resumes
     from the last one. With ``run_id``, the curves are logged to that MLflow run as it trains. Returns the
@@ -307,13 +393,9 @@ def _fit(
     from sentence_transformers.sentence_transformer import (
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
-        evaluation,
     )
 
-    dev = read_sts(data.sts_file("dev"))
-    dev_evaluator = evaluation.EmbeddingSimilarityEvaluator(
-        dev.sentences1, dev.sentences2, dev.scores, name="sts-dev", batch_size=training.batch_size
-    )
+    dev_evaluator = _dev_evaluator(data, training, matryoshka_dims)
     rows = (
         sum(len(d) for d in train_dataset.values()) if isinstance(train_dataset, dict) else len(train_dataset)
     )
@@ -333,7 +415,7 @@ def _fit(
         save_steps=eval_steps,
         save_total_limit=2,
         load_best_model_at_end=True,
-        metric_for_best_model="eval_sts-dev_spearman_cosine",
+        metric_for_best_model="eval_sequential_score" if matryoshka_dims else "eval_sts-dev_spearman_cosine",
         greater_is_better=True,
         logging_steps=max(1, eval_steps // 2),
         report_to="none",  # the flow logs to MLflow itself; transformers would default to ["mlflow"]
@@ -416,7 +498,9 @@ def training_inputs(
     inputs = {
         "targets": corpus_embeddings.key,
         "stsb_train_dev": files_fingerprint(data.sts_file("train"), data.sts_file("dev")),
-        "training": training.model_dump(mode="json", exclude={"mixed_precision", "layer_search_sentences"}),
+        "training": training.model_dump(
+            mode="json", exclude={"mixed_precision", "layer_search_sentences", "matryoshka_dims"}
+        ),
     }
     if precision != "no":
         inputs["mixed_precision"] = precision
@@ -458,6 +542,7 @@ def train_layer_reduced(
         if run_id:
             log_layer_search(run_id, search)
     precision = mixed_precision(device, training.mixed_precision)
+    matryoshka = training.matryoshka_dims if spec.loss == "mse+matryoshka" else ()
     inputs = {
         "kind": "layer-reduced",
         "teacher": fingerprint_model_dir(Path(teacher_dir), max_seq_length),
@@ -465,6 +550,8 @@ def train_layer_reduced(
         "loss": spec.loss,
         **training_inputs(data, corpus_embeddings, training, precision),
     }
+    if matryoshka:
+        inputs["matryoshka"] = {"dims": list(matryoshka), "rotation_sentences": ROTATION_SENTENCES}
     key = stage_key(STAGE, STAGE_VERSION, inputs)
 
     def build(out_dir: Path, work_dir: Path) -> dict:
@@ -476,18 +563,24 @@ def train_layer_reduced(
         )
         reduce_layers(model, layers)
         log.info("student %s keeps teacher layers %s of %d", name, list(layers), teacher_layers)
+        blocks: Blocks = corpus_blocks(data.corpus_file, corpus_embeddings)
         if spec.loss == "mse+hidden":
             teacher = load_sentence_transformer(
                 teacher_dir, max_seq_length=max_seq_length, trust_remote_code=trust_remote_code, device=device
             )
             loss: object = HiddenStateMSELoss(model, teacher, layers, training.hidden_loss_weight)
+        elif matryoshka:
+            rotation = principal_rotation(_rotation_targets(data, corpus_embeddings))
+            append_rotation(model, rotation)
+            blocks = _rotated(blocks, rotation)  # the targets in the student's rotated space
+            loss = MatryoshkaDistillLoss(model, matryoshka)
         else:
             loss = losses.MSELoss(model)
-        dataset = _distillation_dataset(
-            corpus_blocks(data.corpus_file, corpus_embeddings), corpus_embeddings.dim, work_dir / DATASET_FILE
-        )
+        dataset = _distillation_dataset(blocks, corpus_embeddings.dim, work_dir / DATASET_FILE)
         train_dataset, loss = _losses(model, spec.loss, data, dataset, loss)
-        best = _fit(model, name, train_dataset, loss, data, training, out_dir, work_dir, run_id, device)
+        best = _fit(
+            model, name, train_dataset, loss, data, training, out_dir, work_dir, run_id, device, matryoshka
+        )
         seconds = time.perf_counter() - start
         _log_done(name, len(dataset), seconds, best)
         params = {
@@ -497,6 +590,9 @@ def train_layer_reduced(
         }
         if spec.loss == "mse+hidden":
             params["hidden_loss_weight"] = str(training.hidden_loss_weight)
+        if matryoshka:
+            params["matryoshka_dims"] = ",".join(map(str, matryoshka))
+            params["dev_selection"] = "mean sts-dev Spearman over the full dimension and matryoshka_dims"
         return _result(best, seconds, len(dataset), spec.loss, params | trained_on(device, precision))
 
     entry = ArtifactStore(artifacts).build(STAGE, key, build, f"student {name}")
@@ -506,6 +602,12 @@ def train_layer_reduced(
     # The same layers may be a stored student of another spec: say here how this one chose them.
     choice = {"layer_choice": "auto", "layer_search_mse": f"{search.mse:.6g}", "layer_search_key": search.key}
     return replace(student, params={**student.params, **choice})
+
+
+def _rotation_targets(data: PreparedData, corpus_embeddings: CachedEmbeddings) -> np.ndarray:
+    """Evenly strided cached teacher embeddings of the corpus (training data only) to fit the rotation on."""
+    blocks = corpus_blocks(data.corpus_file, corpus_embeddings)
+    return probe_rows(blocks, corpus_embeddings.rows, ROTATION_SENTENCES)[1]
 
 
 def _search_layers(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 
@@ -33,13 +34,21 @@ CURVES = {
     "eval_loss": "training/eval_loss",
     "eval_sts-dev_spearman_cosine": "training/sts_dev_spearman",
     "epoch": "training/epoch",
+    # a Matryoshka student: the mean over its dimensions (what picks its checkpoint), and each prefix below
+    "eval_sequential_score": "training/sts_dev_spearman_mean_over_dims",
 }
+PREFIX_CURVE = re.compile(r"eval_sts-dev-(\d+)_spearman_cosine")
 
 
 def curve_metrics(entry: dict, step: int, timestamp_ms: int) -> list[Metric]:
     """The curve points of one Trainer log entry (unknown keys and non-numbers skipped)."""
+    names = dict(CURVES)
+    for key in entry:
+        match = PREFIX_CURVE.fullmatch(key)
+        if match:
+            names[key] = f"training/sts_dev_spearman_dim{match.group(1)}"
     metrics = []
-    for key, name in CURVES.items():
+    for key, name in names.items():
         value = entry.get(key)
         if isinstance(value, int | float) and math.isfinite(value):
             metrics.append(Metric(name, float(value), timestamp_ms, step))

@@ -44,6 +44,9 @@ class Variant:
         precision: How output vectors are stored: float32, int8 (calibrated ranges) or ubinary (1 bit/dim).
         calibration_file: ``.npy`` with the int8 ranges (2 x dim: each dimension's lower and upper end of
             the int8 grid, as ``quantize_embeddings(ranges=...)`` takes them; ``tasks.compress.int8_ranges``).
+        rescore: For ``ubinary``: score each stored binary vector against the other sentence's float vector
+            (the query side, never stored), as sentence-transformers' rescoring does; STS pairs are scored
+            as (float sentence1, binary sentence2).
         int8_exclude: For ``torch-int8``: regexes of module names kept in float32.
         int8_per_channel: For ``torch-int8``: per-channel weight scales (else per tensor).
         params: Extra MLflow params (layers, PCA dims, kernel, ...).
@@ -52,6 +55,8 @@ class Variant:
             e.g. the teacher or a static model made without training). ``derive`` inherits it.
         uses_sts_labels: Trained on STS-B train labels (CoSENT), or derived from such a variant: its STS-B
             and held-out STS figures are not comparable with label-free rows. ``derive`` inherits it.
+        rotated: Its vectors live on other axes than the teacher's (a Matryoshka student's principal axes),
+            so an MSE to the teacher's vectors means nothing; cosines are unchanged. ``derive`` inherits it.
         key: Content key: what the variant computes (the teacher's fingerprint, a stored stage output's key,
             or ``derive``'s hash of the parent's key and the step); quality scores are reused by it.
         reused: Its model came from an earlier run's stored output instead of being built in this run.
@@ -65,12 +70,14 @@ class Variant:
     model_file: str | None = None
     precision: Precision = "float32"
     calibration_file: Path | None = None
+    rescore: bool = False
     int8_exclude: tuple[str, ...] = ()  # torch-int8: module-name regexes left in float32
     int8_per_channel: bool = True
     params: dict[str, str] = field(default_factory=dict)
     build_seconds: float = 0.0
     train_sentences: int | None = None
     uses_sts_labels: bool = False
+    rotated: bool = False
     key: str = ""
     reused: bool = False
 
@@ -94,6 +101,7 @@ class Variant:
             "backend": self.backend,
             "model_file": self.model_file,
             "uses_sts_labels": self.uses_sts_labels,
+            "rotated": self.rotated,
             "train_sentences": self.train_sentences,
             "reused": self.reused,  # nothing of its own stored: as reused as its parent
         }
@@ -150,6 +158,15 @@ def pair_similarity(a: np.ndarray, b: np.ndarray, precision: Precision) -> np.nd
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     norms = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
     return (a64 * b64).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
+def rescored_similarity(queries: np.ndarray, documents: np.ndarray) -> np.ndarray:
+    """Row-wise cosine between float ``queries`` and packed-bit ``documents`` read as +-1 per dimension."""
+    dim = queries.shape[1]
+    signs = np.unpackbits(documents, axis=1)[:, :dim].astype(np.float64) * 2 - 1
+    q64 = queries.astype(np.float64)
+    norms = np.linalg.norm(q64, axis=1) * np.sqrt(dim)
+    return (q64 * signs).sum(axis=1) / np.maximum(norms, 1e-12)
 
 
 def bytes_per_vector(dim: int, precision: Precision) -> int:

@@ -103,7 +103,9 @@ def test_on_demand_smoke_run_lands_in_mlflow(stack: StackState, monkeypatch: pyt
     started = time.perf_counter()
     # a lenient rule, so that the smoke run always registers a champion for the benchmark test below
     parameters = {"profile": "smoke", "corpus_wiki_sentences": 250}
-    flow_run_id = _trigger(stack, {**parameters, "overrides": {"selection": {"min_retention_pct": 50}}})
+    flow_run_id = _trigger(
+        stack, {**parameters, "overrides": {"selection": {"min_retention_pct": 50, "min_agreement": None}}}
+    )
     run, seen = _wait(stack, flow_run_id, timeout=900)
     print(
         f"\nsmoke run: trigger -> Running {seen.get('RUNNING', float('nan')):.1f} s, "

@@ -13,7 +13,10 @@ from tests.flows.cli_process import run_cli
 def two_runs(tmp_path_factory, tiny_model_dir, tiny_light_model_dir, data_dir):
     tmp = tmp_path_factory.mktemp("flow")
     config = tiny_config(tiny_model_dir, data_dir, tmp, tiny_light_model_dir)
-    config["selection"] = {"min_retention_pct": 1.0}  # random tiny models: any positive dev score competes
+    config["selection"] = {
+        "min_retention_pct": 1.0,
+        "min_agreement": None,
+    }  # random tiny models: any positive dev score competes
     # 300 sentences timed (not 60): the benchmark flow test compares these runs' speed-ups with its own
     config["data"]["heldout_sentences"] = config["benchmark"]["speed_sentences"] = 300
     config_file = tmp / "config.yaml"

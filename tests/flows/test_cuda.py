@@ -29,7 +29,7 @@ def _run(
 ) -> tuple[pd.DataFrame, str]:
     config = tiny_config(model_dir, data_dir, root, light_dir)
     config["device"] = device
-    config["selection"] = {"min_retention_pct": 1.0}
+    config["selection"] = {"min_retention_pct": 1.0, "min_agreement": None}
     # every CPU-only runtime kind but OpenVINO (its CPU path is the ONNX one's here), and a chain
     config["compress"]["steps"] = [
         step for step in config["compress"]["steps"] if step["technique"] != "openvino-int8"

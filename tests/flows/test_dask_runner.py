@@ -61,7 +61,7 @@ def _config(model_dir: Path, light_dir: Path, data_dir: Path, root: Path, runner
         ]
     }
     config["tracking"]["log_models"] = False
-    config["selection"] = {"registry": False, "min_retention_pct": 1.0}
+    config["selection"] = {"registry": False, "min_retention_pct": 1.0, "min_agreement": None}
     config["runner"] = runner
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -29,7 +29,7 @@ def test_typed_choices_render_as_selects(schema) -> None:
     compressions = schema["properties"]["compressions"]["anyOf"][0]
     assert compressions["items"]["enum"] == list(TECHNIQUES)
     student = schema["definitions"]["StudentSpec"]["properties"]
-    assert student["loss"]["enum"] == ["mse", "mse+cosent", "mse+hidden"]
+    assert student["loss"]["enum"] == ["mse", "mse+cosent", "mse+hidden", "mse+matryoshka"]
     assert all(field.get("description") for field in student.values())
 
 

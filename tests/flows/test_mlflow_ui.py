@@ -96,7 +96,7 @@ def mlflow_server(tmp_path: Path):
 def test_flow_run_in_the_mlflow_ui(mlflow_server, tiny_model_dir, data_dir, tmp_path: Path) -> None:
     config = tiny_config(tiny_model_dir, data_dir, tmp_path)
     config["tracking"]["tracking_uri"] = mlflow_server
-    config["selection"] = {"min_retention_pct": 1.0}  # random tiny models: a champion is registered
+    config["selection"] = {"min_retention_pct": 1.0, "min_agreement": None}  # random tiny models: a champion
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     flow_log = tmp_path / "flow.log"

@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ from tasks.benchmark import (
     evaluate_all,
     evaluate_group,
     measure_throughput,
+    quality_key,
     teacher_on_cpu,
 )
 from tasks.config import BenchmarkConfig, DataConfig
@@ -67,12 +69,26 @@ def test_quantized_embeddings_share_one_encoding(tiny_model_dir: Path, prepared,
         Variant("teacher", "teacher", tiny_model_dir),
         Variant("bits", "embedding-quantized", tiny_model_dir, precision="ubinary"),
         Variant("int8", "embedding-quantized", tiny_model_dir, precision="int8", calibration_file=ranges),
+        Variant("rescored", "embedding-quantized", tiny_model_dir, precision="ubinary", rescore=True),
     ]
-    teacher, bits, int8 = evaluate_all(variants, prepared, heldout)
-    assert (bits.bytes_per_vector, int8.bytes_per_vector) == (4, 32)
+    teacher, bits, int8, rescored = evaluate_all(variants, prepared, heldout)
+    assert (bits.bytes_per_vector, int8.bytes_per_vector, rescored.bytes_per_vector) == (4, 32, 4)
+    # float queries against the same stored bits: a similarity of its own (ordering: the synthetic test below)
+    assert -1 < rescored.heldout_agreement_spearman < 1 and np.isnan(rescored.mse_to_teacher)
+    assert rescored.heldout_agreement_spearman != bits.heldout_agreement_spearman
+    assert rescored.sts_test_spearman not in (bits.sts_test_spearman, teacher.sts_test_spearman)
     assert np.isnan(bits.mse_to_teacher) and np.isnan(int8.mse_to_teacher)
     assert bits.sts_test_spearman != teacher.sts_test_spearman
     assert 0 < bits.heldout_agreement_spearman < teacher.heldout_agreement_spearman == pytest.approx(1.0)
+
+
+def test_a_rotated_model_has_no_mse_to_the_teacher(tiny_model_dir: Path, prepared, tmp_path: Path) -> None:
+    heldout = get_or_encode(tiny_model_dir, prepared.heldout_file, tmp_path / "cache")
+    rotated = Variant("matryoshka", "layer-reduced", tiny_model_dir, rotated=True, key="r")
+    (result,) = evaluate_group([rotated], prepared, heldout)
+    assert np.isnan(result.mse_to_teacher) and result.heldout_agreement_spearman == pytest.approx(1.0)
+    plain = replace(rotated, rotated=False)
+    assert quality_key(rotated, prepared, heldout, 64) != quality_key(plain, prepared, heldout, 64)
 
 
 def test_other_model_has_positive_mse(tiny_model_dir: Path, prepared, tmp_path: Path) -> None:
@@ -92,6 +108,8 @@ def test_agreement_with_the_teacher_is_label_free_and_works_for_any_storage(tmp_
     assert 0.5 < agreement_spearman(teacher, teacher[:, :16], "float32") < 1.0  # fewer dimensions (e.g. PCA)
     bits = quantize(teacher, Variant("bits", "embedding-quantized", tmp_path, precision="ubinary"))
     assert bits.shape == (201, 4) and 0.5 < agreement_spearman(teacher, bits, "ubinary") < 1.0
+    rescored = agreement_spearman(teacher, bits, "ubinary", queries=teacher)
+    assert agreement_spearman(teacher, bits, "ubinary") < rescored < 1.0
     with pytest.raises(ValueError, match="rows"):
         agreement_spearman(teacher, teacher[:100], "float32")
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from tasks.compress import CompressInputs, compress_variants, emb_int8_step, int8_ranges
-from tasks.config import CompressionConfig, EmbInt8Step
+from tasks.compress import CompressInputs, compress_variants, emb_binary_step, emb_int8_step, int8_ranges
+from tasks.config import CompressionConfig, EmbBinaryStep, EmbInt8Step
 from tasks.variants import Variant, encode, load_model, pair_similarity, quantize
 from tests.conftest import tiny_compress_steps, tiny_prepared
 
@@ -293,3 +293,13 @@ def test_submitted_steps_give_the_sequential_rows_in_the_same_order(tmp_path: Pa
     assert sorted(submitted[6:]) == [
         ("emb-int8", "s-onnx-int8"), ("emb-int8", "teacher-pca16"), ("emb-int8", "teacher-pca8")
     ]  # fmt: skip
+
+
+def test_binary_step_adds_a_rescoring_row_when_asked(tmp_path: Path) -> None:
+    base = Variant("teacher", "teacher", tmp_path, key="t")
+    (plain,) = emb_binary_step(base, EmbBinaryStep(), None)
+    binary, rescored = emb_binary_step(base, EmbBinaryStep(rescore=True), None)
+    assert binary == plain and not plain.rescore
+    assert rescored.name == "teacher-emb-binary-rescore" and rescored.rescore
+    assert rescored.precision == "ubinary" and rescored.key not in ("t", plain.key)  # scored on its own
+    assert rescored.lineage == "teacher > emb-ubinary-rescore"

@@ -125,3 +125,17 @@ def test_trained_static_student_needs_corpus_sentences(tiny_config_dict: dict) -
         check_inputs(resolve_config(None, raw))
     raw["static"]["train"] = False
     check_inputs(resolve_config(None, raw))
+
+
+def test_matryoshka_dims_must_fit_the_teacher(tiny_config_dict: dict) -> None:
+    raw = copy.deepcopy(tiny_config_dict)
+    raw["students"] = [{"num_layers": 4, "loss": "mse+matryoshka"}]
+    raw["compress"], raw["static"] = {"steps": []}, {"sources": []}
+    raw["training"] = {"matryoshka_dims": [16, 64]}  # the tiny teacher has 32 dims
+    with pytest.raises(PcaConfigError, match=r"training.matryoshka_dims: 64 is not in 1..32"):
+        check_inputs(resolve_config(None, raw))
+    raw["training"] = {"matryoshka_dims": [16, 8]}
+    assert check_inputs(resolve_config(None, raw)).student_layers == {"layers-4of4-matryoshka": (0, 1, 2, 3)}
+    raw["students"] = [{"num_layers": 2}]  # dims are only checked when a student uses them
+    raw["training"] = {"matryoshka_dims": [64]}
+    check_inputs(resolve_config(None, raw))

@@ -12,10 +12,12 @@ from tasks.selection import CHAMPION_ALIAS, choose_champion, register_choice, se
 from tasks.variants import Variant
 
 
-def _table(rows: list[tuple]) -> pd.DataFrame:
-    """(variant, kind, dev, test retention %, speed-up, bytes/vector, size MB, uses labels, status)."""
+def _table(rows: list[tuple], agreement: dict[str, float] | None = None) -> pd.DataFrame:
+    """(variant, kind, dev, test retention %, speed-up, bytes/vector, size MB, uses labels, status); agreement
+    with the teacher 0.8 unless ``agreement`` names the variant."""
     records = [
         {
+            "heldout_agreement_spearman": (agreement or {}).get(name, 0.8),
             "variant": name,
             "kind": kind,
             "lineage": f"teacher > {name}",
@@ -35,17 +37,16 @@ def _table(rows: list[tuple]) -> pd.DataFrame:
 
 
 TEACHER = ("teacher", "teacher", 0.80, 100.0, 1.0, 1536, 90.0, False, "ok")
-TABLE = _table(
-    [
-        TEACHER,
-        ("layers-3of6", "layer-reduced", 0.79, 98.5, 2.0, 1536, 60.0, False, "ok"),  # 98.75% dev
-        ("layers-2of6", "layer-reduced", 0.77, 96.0, 3.0, 1536, 45.0, False, "ok"),  # 96.25% dev
-        ("cosent-int8", "quantized", 0.80, 100.5, 7.0, 384, 20.0, True, "ok"),  # saw STS-B labels
-        ("layers-3of6-emb-int8", "embedding-quantized", 0.79, 98.4, 1.9, 384, 60.0, False, "ok"),
-        ("static", "static", 0.65, 80.0, 90.0, 1024, 30.0, False, "ok"),
-        ("broken", "failed", float("nan"), float("nan"), float("nan"), None, None, False, "failed: boom"),
-    ]
-)
+_ROWS = [
+    TEACHER,
+    ("layers-3of6", "layer-reduced", 0.79, 98.5, 2.0, 1536, 60.0, False, "ok"),  # 98.75% dev
+    ("layers-2of6", "layer-reduced", 0.77, 96.0, 3.0, 1536, 45.0, False, "ok"),  # 96.25% dev
+    ("cosent-int8", "quantized", 0.80, 100.5, 7.0, 384, 20.0, True, "ok"),  # saw STS-B labels
+    ("layers-3of6-emb-int8", "embedding-quantized", 0.79, 98.4, 1.9, 384, 60.0, False, "ok"),
+    ("static", "static", 0.65, 80.0, 90.0, 1024, 30.0, False, "ok"),
+    ("broken", "failed", float("nan"), float("nan"), float("nan"), None, None, False, "failed: boom"),
+]
+TABLE = _table(_ROWS)
 
 
 @pytest.mark.parametrize(
@@ -71,6 +72,17 @@ def test_rule_picks_the_fastest_variant_that_keeps_enough_on_dev(rule: dict, exp
         assert choice.row["variant"] == expected and "dev" in choice.reason
 
 
+def test_a_variant_that_ranks_pairs_unlike_the_teacher_is_not_chosen() -> None:
+    table = _table(_ROWS, {"layers-3of6": 0.6})
+    choice = choose_champion(table, SelectionConfig())
+    assert choice.variant == "layers-3of6-emb-int8" and "agreement >= 0.7" in choice.reason
+    assert choose_champion(table, SelectionConfig(min_agreement=None)).variant == "layers-3of6"
+    lenient = SelectionConfig(min_agreement=0.5, min_retention_pct=80)
+    assert choose_champion(_table(_ROWS, {"static": 0.4}), lenient).variant == "layers-2of6"
+    unmeasured = _table(_ROWS, {"layers-3of6": float("nan"), "layers-3of6-emb-int8": float("nan")})
+    assert choose_champion(unmeasured, SelectionConfig()).variant is None  # no figure: does not pass
+
+
 def test_selection_uses_dev_not_test() -> None:
     # better on test, worse on dev: not chosen
     table = _table([TEACHER, ("test-lucky", "layer-reduced", 0.70, 101.0, 5.0, 1536, 40.0, False, "ok")])
@@ -86,8 +98,11 @@ def logged_model(tiny_model_dir: Path, store) -> tuple[str, str]:
     return uri, run_id
 
 
-def _tags(variant: str, speedup: float, key: str, teacher: str = "t1", dev_retention: float = 99.0) -> dict:
+def _tags(
+    variant: str, speedup: float, key: str, teacher: str = "t1", dev_retention: float = 99.0, agreement=0.8
+) -> dict:
     row = {
+        "heldout_agreement_spearman": agreement,
         "variant": variant,
         "kind": "layer-reduced",
         "lineage": f"teacher > {variant}",
@@ -138,8 +153,12 @@ def test_alias_moves_only_to_a_better_comparable_variant(logged_model, store) ->
     better_kept = register(_tags("f", 1.2, "k-f", dev_retention=99.8), stricter)
     assert better_kept.moved and champion() == "f" and "no longer meets the rule" in better_kept.reason
 
+    closer = SelectionConfig(min_agreement=0.85)  # f agrees 0.8 with the teacher: out under this rule
+    agreeing = register(_tags("g", 1.1, "k-g", agreement=0.9), closer)
+    assert agreeing.moved and champion() == "g" and "agreement 0.80 < 0.85" in agreeing.reason
+
     version = client.get_model_version_by_alias("exp-student", CHAMPION_ALIAS)
-    assert {"speedup_vs_teacher", "sts_test_retention_pct", "bytes_per_vector", "lineage"} <= set(
+    assert {"speedup_vs_teacher", "sts_test_retention_pct", "heldout_agreement_spearman", "lineage"} <= set(
         version.tags
     )
 

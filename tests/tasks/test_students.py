@@ -1,3 +1,4 @@
+import json
 import logging
 from pathlib import Path
 
@@ -12,9 +13,12 @@ from tasks.static_student import StaticStudent
 from tasks.students import (
     HiddenStateMSELoss,
     LayerSpecError,
+    MatryoshkaDistillLoss,
     TrainedStudent,
+    append_rotation,
     light_student_name,
     plan_layers,
+    principal_rotation,
     project_student,
     reduce_layers,
     train_layer_reduced,
@@ -154,6 +158,68 @@ def test_hidden_state_loss_is_zero_for_the_teacher_itself_and_grows_with_removed
     total.backward()
     assert all(p.grad is None for p in teacher.parameters())  # the teacher stays frozen
     assert student[0].auto_model.encoder.layer[1].output.dense.weight.grad is not None
+
+
+def test_principal_rotation_keeps_cosines_and_orders_variance(tiny_model_dir: Path, tmp_path: Path) -> None:
+    sentences = ["a man is playing", "the cat is on the mat", "a dog runs", "two people talk", "rain"] * 8
+    model = load_sentence_transformer(tiny_model_dir)
+    targets = model.encode(sentences)
+    rotation = principal_rotation(targets)
+    np.testing.assert_allclose(rotation @ rotation.T, np.eye(len(rotation)), atol=1e-5)
+    rotated = targets @ rotation.T
+    np.testing.assert_allclose(rotated @ rotated.T, targets @ targets.T, atol=1e-4)  # every cosine kept
+    energy = (rotated**2).sum(axis=0)
+    assert np.all(np.diff(energy) <= 1e-4)  # most of the vectors in the first dimensions, in order
+    append_rotation(model, rotation).save(str(tmp_path / "rotated"))
+    np.testing.assert_allclose(
+        load_sentence_transformer(tmp_path / "rotated").encode(sentences), rotated, atol=1e-5
+    )
+
+
+def test_matryoshka_loss_is_zero_only_when_every_prefix_keeps_the_teacher_similarities(
+    tiny_model_dir: Path,
+) -> None:
+    sentences = ["a man is playing", "the cat is on the mat", "a dog runs", "two people talk"]
+    model = load_sentence_transformer(tiny_model_dir).eval()
+    labels = torch.tensor(model.encode(sentences))
+    batch = _batch(model, sentences)
+    # The teacher itself: zero MSE, zero similarity error at the full dimension, not at prefixes
+    assert MatryoshkaDistillLoss(model, (32,))([batch], labels).item() == pytest.approx(0.0, abs=1e-8)
+    prefixes = MatryoshkaDistillLoss(model, (16, 8))([batch], labels)
+    assert prefixes.item() > 1e-4
+    prefixes.backward()
+    assert model[0].auto_model.encoder.layer[0].output.dense.weight.grad is not None
+
+
+def test_matryoshka_student_trains_with_a_rotation_and_scores_each_prefix(
+    tiny_model_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    data = _small_data(data_dir, tmp_path)
+    corpus = get_or_encode(tiny_model_dir, data.corpus_file, tmp_path / "cache")
+    training = TrainingConfig(batch_size=32, evaluations_per_epoch=2, matryoshka_dims=(8, 16))
+    spec = StudentSpec(num_layers=4, loss="mse+matryoshka")
+    student = train_layer_reduced(tiny_model_dir, spec, data, corpus, training, tmp_path / "students")
+    assert student.name == "layers-4of4-matryoshka"
+    assert student.params["matryoshka_dims"] == "16,8"
+    variant = student.as_variant()
+    assert not variant.uses_sts_labels and variant.rotated  # no MSE to the teacher's axes for it
+    assert variant.derive("s-onnx", "quantized", "onnx").rotated
+    reloaded = load_sentence_transformer(student.model_dir)
+    assert type(reloaded[-1]).__name__ == "Dense" and reloaded.encode(["a dog"]).shape == (1, 32)
+    history = json.loads(student.history_file.read_text())
+    scored = [entry for entry in history if "eval_sequential_score" in entry]
+    assert scored and all("eval_sts-dev-8_spearman_cosine" in entry for entry in scored)
+    assert student.best_dev_spearman == pytest.approx(max(e["eval_sequential_score"] for e in scored))
+    # other dims are another student; the plain MSE student's key does not move with matryoshka_dims
+    other = TrainingConfig(batch_size=32, evaluations_per_epoch=2, matryoshka_dims=(8,))
+    assert (
+        train_layer_reduced(tiny_model_dir, spec, data, corpus, other, tmp_path / "students").key
+        != student.key
+    )
+    mse = StudentSpec(num_layers=4)
+    first = train_layer_reduced(tiny_model_dir, mse, data, corpus, training, tmp_path / "students")
+    assert train_layer_reduced(tiny_model_dir, mse, data, corpus, other, tmp_path / "students").reused
+    assert first.key != student.key
 
 
 def test_pca_projection_reduces_and_normalizes_the_targets(tiny_light_model_dir: Path) -> None:

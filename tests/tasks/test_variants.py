@@ -3,7 +3,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tasks.variants import Variant, bytes_per_vector, encode, load_model, pair_similarity, quantize
+from tasks.variants import (
+    Variant,
+    bytes_per_vector,
+    encode,
+    load_model,
+    pair_similarity,
+    quantize,
+    rescored_similarity,
+)
 
 
 @pytest.mark.parametrize(("precision", "expected"), [("float32", 1536), ("int8", 384), ("ubinary", 48)])
@@ -18,6 +26,14 @@ def test_cosine_and_hamming_similarities() -> None:
     bits_a = np.packbits(np.array([[1, 1, 0, 0, 1, 0, 1, 0]], dtype=np.uint8), axis=1)
     bits_b = np.packbits(np.array([[1, 0, 0, 0, 1, 1, 1, 0]], dtype=np.uint8), axis=1)
     assert pair_similarity(bits_a, bits_b, "ubinary").tolist() == [-2.0]
+
+
+def test_rescoring_compares_a_float_query_with_the_signs_of_a_stored_vector(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    queries, documents = rng.normal(size=(5, 12)), rng.normal(size=(5, 12))
+    bits = quantize(documents, Variant("bits", "embedding-quantized", tmp_path, precision="ubinary"))
+    expected = pair_similarity(queries, np.where(documents > 0, 1.0, -1.0), "float32")
+    np.testing.assert_allclose(rescored_similarity(queries, bits), expected, atol=1e-12)  # 12 dims: 2 bytes
 
 
 def test_derive_inherits_the_sts_label_flag(tmp_path: Path) -> None:
