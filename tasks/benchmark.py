@@ -47,7 +47,6 @@ from tasks.variants import (
     load_model,
     pair_similarity,
     quantize,
-    rescored_similarity,
     size_bytes,
 )
 
@@ -87,11 +86,9 @@ def _score(
     pairs: StsPairs, lookup: dict[str, np.ndarray], variant: Variant, floats: dict[str, np.ndarray]
 ) -> tuple[float, float]:
     """Spearman and Pearson of the variant's similarities (``floats``: the query side when it rescores)."""
-    b = np.stack([lookup[s] for s in pairs.sentences2])
-    if variant.rescore:
-        sims = rescored_similarity(np.stack([floats[s] for s in pairs.sentences1]), b)
-    else:
-        sims = pair_similarity(np.stack([lookup[s] for s in pairs.sentences1]), b, variant.precision)
+    a, b = (np.stack([lookup[s] for s in side]) for side in (pairs.sentences1, pairs.sentences2))
+    queries = np.stack([floats[s] for s in pairs.sentences1]) if variant.rescore else None
+    sims = pair_similarity(a, b, variant.precision, queries)
     return float(spearmanr(sims, pairs.scores)[0]), float(pearsonr(sims, pairs.scores)[0])
 
 
@@ -108,10 +105,8 @@ def agreement_spearman(
     if len(vectors) != len(teacher):
         raise ValueError(f"{len(vectors)} variant rows but {len(teacher)} teacher rows")
     half = len(teacher) // 2
-    if queries is not None:
-        ours = rescored_similarity(queries[:half], vectors[half : 2 * half])
-    else:
-        ours = pair_similarity(vectors[:half], vectors[half : 2 * half], precision)
+    first = None if queries is None else queries[:half]
+    ours = pair_similarity(vectors[:half], vectors[half : 2 * half], precision, first)
     theirs = pair_similarity(teacher[:half], teacher[half : 2 * half], "float32")
     return float(spearmanr(ours, theirs)[0])
 
@@ -148,10 +143,10 @@ def evaluate_group(
     parameters = _parameters(variants[0], model)
     teacher = np.asarray(heldout_teacher.load(), dtype=np.float32)
 
+    float_lookup = dict(zip(sentences, floats, strict=True))
     results = []
     for variant in variants:
         lookup = dict(zip(sentences, quantize(floats, variant), strict=True))
-        float_lookup = dict(zip(sentences, floats, strict=True))
         scores = {}
         for prefix, pairs in sets.items():
             scores[f"{prefix}_spearman"], scores[f"{prefix}_pearson"] = _score(

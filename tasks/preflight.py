@@ -67,8 +67,9 @@ def check_inputs(config: DistillConfig) -> Plan:
             raise ValueError(f"two students are both named {name!r}: give one of them a distinct name")
         student_layers[name] = f"auto ({spec.num_layers})" if layers is None else layers
     if any(spec.loss == "mse+matryoshka" for spec in config.students):
+        teacher_dim = _embedding_dim(teacher_dir)
         for dims in config.training.matryoshka_dims:
-            check_dims(dims, _embedding_dim(teacher_dir), "training.matryoshka_dims")
+            check_dims(dims, teacher_dim, "training.matryoshka_dims")
     light = _check_light_students(config, teacher_dir, set(student_layers))
     names = [*student_layers, *light]
     data = check_data(config.data)

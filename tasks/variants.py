@@ -150,8 +150,16 @@ def quantize(embeddings: np.ndarray, variant: Variant) -> np.ndarray:
     return quantize_embeddings(embeddings, variant.precision, ranges=ranges)
 
 
-def pair_similarity(a: np.ndarray, b: np.ndarray, precision: Precision) -> np.ndarray:
-    """Row-wise similarity suited to the storage: cosine for float32 and int8, -Hamming for packed bits."""
+def pair_similarity(
+    a: np.ndarray, b: np.ndarray, precision: Precision, queries: np.ndarray | None = None
+) -> np.ndarray:
+    """Row-wise similarity suited to the storage: cosine for float32 and int8, -Hamming for packed bits.
+
+    ``queries``: the float vectors of the ``a`` side, for a variant that rescores (``Variant.rescore``):
+    then each stored ``b`` is scored against its float query instead (:func:`rescored_similarity`).
+    """
+    if queries is not None:
+        return rescored_similarity(queries, b)
     if precision == "ubinary":
         differing = np.unpackbits(np.bitwise_xor(a, b), axis=1).sum(axis=1)
         return -differing.astype(np.float64)
