@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
 
 from tests.conftest import tiny_config
 from tests.flows.cli_process import run_cli
@@ -32,8 +33,16 @@ def _run(
     config["selection"] = {"min_retention_pct": 1.0, "min_agreement": None}
     # every CPU-only runtime kind but OpenVINO (its CPU path is the ONNX one's here), and a chain
     config["compress"]["steps"] = [
-        step for step in config["compress"]["steps"] if step["technique"] != "openvino-int8"
+        {**step, "rescore": True} if step["technique"] == "emb-binary" else step
+        for step in config["compress"]["steps"]
+        if step["technique"] != "openvino-int8"
     ]
+    # a Matryoshka student (its rotation fitted on the device, its loss under autocast) and its prefixes
+    config["students"].append({"num_layers": 4, "loss": "mse+matryoshka"})
+    config["training"]["matryoshka_dims"] = [16, 8]
+    config["compress"]["steps"].append(
+        {"technique": "truncate", "targets": ["layers-4of4-matryoshka"], "dims": [16, 8]}
+    )
     root.mkdir(parents=True)
     config_file = root / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
@@ -83,3 +92,14 @@ def test_the_dag_runs_on_cuda(tmp_path: Path, tiny_model_dir, tiny_light_model_d
     assert len(trained_static) == 2  # from the teacher and from the "ends" student, trained on the GPU
     assert {s.data.params["train_device"] for s in trained_static} == {f"cuda ({name})"}
     assert gpu.loc[gpu["lineage"].str.endswith("static16-trained"), "sts_test_spearman"].notna().all()
+
+    matryoshka = gpu.loc[gpu.index.str.startswith("layers-4of4-matryoshka")]
+    assert len(matryoshka) == 3  # the student and its 16- and 8-dim prefixes
+    assert matryoshka["sts_test_spearman"].notna().all() and matryoshka["mse_to_teacher"].isna().all()
+    (trained_matryoshka,) = [s for s in trained_students if s.data.params.get("loss") == "mse+matryoshka"]
+    curves = MlflowClient().get_metric_history(
+        trained_matryoshka.info.run_id, "training/sts_dev_spearman_dim8"
+    )
+    assert curves and all(math.isfinite(point.value) for point in curves)
+    rescored = gpu.index[gpu.index.str.endswith("-emb-binary-rescore")]
+    assert len(rescored) == 2 and gpu.loc[rescored, "sts_test_spearman"].notna().all()
