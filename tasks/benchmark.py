@@ -38,6 +38,7 @@ from tasks.config import BenchmarkConfig
 from tasks.data import PreparedData, StsPairs, read_lines, read_sts
 from tasks.devices import cpu_name, device_label, runs_on
 from tasks.models import load_sentence_transformer
+from tasks.pca import read_head
 from tasks.teacher_cache import CachedEmbeddings
 from tasks.variants import (
     Precision,
@@ -78,8 +79,16 @@ class QualityResult:
 
 
 def encoder_key(variant: Variant) -> tuple[str, str, str]:
-    """Variants with the same key run the same network and differ only in how vectors are stored."""
+    """Variants with the same key run the same network and differ only in how vectors are stored, or in a
+    linear head applied to its output (PCA, truncation: ``Variant.head_on``)."""
+    if variant.head_on is not None:
+        return (str(variant.head_on), "torch", "")
     return (str(variant.model_dir), variant.backend, variant.model_file or "")
+
+
+def _network(variant: Variant) -> Variant:
+    """The variant whose network ``variant`` runs (itself, or the network its head extends)."""
+    return variant if variant.head_on is None else replace(variant, model_dir=variant.head_on, head_on=None)
 
 
 def _score(
@@ -119,10 +128,11 @@ def evaluate_group(
     device: str = "cpu",
 ) -> list[QualityResult]:
     """Quality of variants that share one network (one encoding of all evaluation sentences, on ``device``
-    where the variant's runtime can run there)."""
+    where the variant's runtime can run there; a PCA or truncation head applied to that encoding)."""
     if len({encoder_key(v) for v in variants}) != 1:
         raise ValueError("evaluate_group takes variants of one network only")
-    model = load_model(variants[0], device)
+    network = _network(variants[0])
+    model = load_model(network, device)
     sets = {f"sts_{split}": read_sts(data.sts_file(split)) for split in ("dev", "test")}
     suites = {name: read_sts(data.suite_file(name)) for name in data.heldout_suites}
     heldout = read_lines(data.heldout_file)
@@ -130,22 +140,33 @@ def evaluate_group(
         dict.fromkeys(s for p in [*sets.values(), *suites.values()] for s in p.sentences1 + p.sentences2)
     )
     start = time.perf_counter()
-    floats = model.encode(sentences, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
-    heldout_floats = model.encode(
+    network_floats = model.encode(
+        sentences, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
+    )
+    network_heldout = model.encode(
         heldout, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
     )
     log.info(
-        "encoded %d evaluation sentences with %s in %.1f s",
+        "encoded %d evaluation sentences with the network of %s in %.1f s",
         len(sentences) + len(heldout),
-        variants[0].name,
+        [v.name for v in variants],
         time.perf_counter() - start,
     )
-    parameters = _parameters(variants[0], model)
+    network_parameters = _parameters(network, model)
     teacher = np.asarray(heldout_teacher.load(), dtype=np.float32)
 
-    float_lookup = dict(zip(sentences, floats, strict=True))
+    outputs: dict[Path | None, tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], int]] = {}
     results = []
     for variant in variants:
+        head_dir = variant.model_dir if variant.head_on is not None else None
+        if head_dir not in outputs:  # the network's output, or its output through this variant's head
+            head = read_head(head_dir) if head_dir is not None else None
+            floats = head(network_floats) if head else network_floats
+            heldout_floats = head(network_heldout) if head else network_heldout
+            head_parameters = head.parameters if head else 0
+            float_lookup = dict(zip(sentences, floats, strict=True))
+            outputs[head_dir] = (floats, heldout_floats, float_lookup, network_parameters + head_parameters)
+        floats, heldout_floats, float_lookup, parameters = outputs[head_dir]
         lookup = dict(zip(sentences, quantize(floats, variant), strict=True))
         scores = {}
         for prefix, pairs in sets.items():

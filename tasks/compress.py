@@ -137,6 +137,13 @@ def int8_ranges(
 # --- steps: each takes a base variant and returns the variants it made ---------------------------------
 
 
+def head_on(base: Variant) -> Path | None:
+    """The network a reduction of ``base`` extends by one Dense: ``base``'s folder where it is a plain torch
+    network with float output (quality scoring then encodes it once for both); else none."""
+    plain = base.backend == "torch" and base.precision == "float32" and base.head_on is None
+    return Path(base.model_dir) if plain else None
+
+
 def pca_step(base: Variant, step: PcaStep, inputs: CompressInputs) -> list[Variant]:
     made = []
     for dims in step.dims:
@@ -160,6 +167,7 @@ def pca_step(base: Variant, step: PcaStep, inputs: CompressInputs) -> list[Varia
                     "explained_variance": f"{entry.result['explained_variance']:.4f}",
                 },
                 model_dir=entry.path / "model",
+                head_on=head_on(base),
                 build_seconds=entry.result["seconds"],
                 key=key,
                 reused=entry.reused,
@@ -186,6 +194,7 @@ def truncate_step(base: Variant, step: TruncateStep, inputs: CompressInputs) -> 
                 f"truncate{dims}",
                 {"truncate_dims": str(dims)},
                 model_dir=entry.path / "model",
+                head_on=head_on(base),
                 build_seconds=entry.result["seconds"],
                 key=key,
                 reused=entry.reused,

@@ -10,6 +10,8 @@
 
 Both carry a signature (a string column in; float32, int8 or uint8 vectors out), an input example and the
 pinned requirements of this environment (no requirement inference, which would load every model again).
+A rescoring row (binary vectors stored, float queries) takes the param ``side``: ``document`` (the default)
+gives the stored bits, ``query`` the float vectors that are scored against them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow.models import ModelSignature
-from mlflow.types import ColSpec, Schema, TensorSpec
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 from tasks.models import load_sentence_transformer
 from tasks.variants import Precision, Variant, runtime_spec, variant_files
@@ -51,12 +53,14 @@ def is_sentence_transformer(variant: Variant) -> bool:
     return variant.backend == "torch" and variant.precision == "float32"
 
 
-def signature(embedding_dim: int, precision: Precision) -> ModelSignature:
-    """Strings in; one vector per string out, as the variant stores it (packed bits: dim / 8 bytes)."""
+def signature(embedding_dim: int, precision: Precision, rescore: bool = False) -> ModelSignature:
+    """Strings in; one vector per string out, as the variant stores it (packed bits: dim / 8 bytes). A
+    rescoring row also takes ``side`` (``document`` | ``query``: the float query vectors)."""
     width = -(-embedding_dim // 8) if precision == "ubinary" else embedding_dim
     return ModelSignature(
         inputs=Schema([ColSpec("string")]),
         outputs=Schema([TensorSpec(np.dtype(_OUTPUT_DTYPES[precision]), (-1, width))]),
+        params=ParamSchema([ParamSpec("side", "string", "document")]) if rescore else None,
     )
 
 
@@ -91,7 +95,7 @@ def active_run(run_id: str) -> Iterator[None]:
 def log_variant_model(variant: Variant, run_id: str, embedding_dim: int) -> str:
     """Log ``variant`` as the MLflow model ``model`` of run ``run_id``; returns its ``models:/`` URI."""
     start = time.perf_counter()
-    sig = signature(embedding_dim, variant.precision)
+    sig = signature(embedding_dim, variant.precision, variant.rescore)
     with active_run(run_id):
         if is_sentence_transformer(variant):
             info = mlflow.sentence_transformers.log_model(

@@ -8,6 +8,7 @@ result saves, loads and encodes as an ordinary SentenceTransformer with k-dimens
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -94,6 +95,41 @@ def append_truncation(model_dir: Path, dims: int, out_dir: Path) -> Path:
     with atomic_dir(out_dir) as tmp:
         model.save(str(tmp))
     return Path(out_dir)
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """The ``Dense`` that :func:`append_pca` / :func:`append_truncation` appended, as arrays: applied to the
+    network's float output it gives the reduced model's output without encoding again."""
+
+    weight: np.ndarray  # (k, d)
+    bias: np.ndarray  # (k,); zeros where the Dense has none
+    parameters: int  # the Dense's own: weight, and bias where it has one
+
+    def __call__(self, embeddings: np.ndarray) -> np.ndarray:
+        if embeddings.shape[1] != self.weight.shape[1]:
+            raise ValueError(f"the head takes {self.weight.shape[1]} dims, not {embeddings.shape[1]}")
+        return (np.asarray(embeddings, dtype=np.float32) @ self.weight.T + self.bias).astype(np.float32)
+
+
+def read_head(model_dir: Path) -> LinearHead:
+    """The last module of ``model_dir``, which must be an identity-activation ``Dense``."""
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    modules = json.loads((Path(model_dir) / "modules.json").read_text())
+    last = modules[-1]
+    if not last["type"].endswith(".Dense"):
+        raise ValueError(f"{model_dir}: the last module is {last['type']}, not the Dense of a reduction")
+    dense = Dense.load(str(Path(model_dir) / last["path"]), local_files_only=True)
+    if not isinstance(dense.activation_function, torch.nn.Identity):
+        raise ValueError(f"{model_dir}: the last Dense has an activation, so it is not a linear head")
+    weight = dense.linear.weight.detach().float().numpy()
+    bias = dense.linear.bias
+    return LinearHead(
+        weight,
+        np.zeros(weight.shape[0], np.float32) if bias is None else bias.detach().float().numpy(),
+        sum(p.numel() for p in dense.parameters()),
+    )
 
 
 def reduce_with_pca(

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 BATCH_SIZE = 64
+SIDES = ("document", "query")
 
 
 class VariantModel(mlflow.pyfunc.PythonModel):
@@ -35,9 +36,19 @@ class VariantModel(mlflow.pyfunc.PythonModel):
         self.model = load_model(self.variant)
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> np.ndarray:
+        """``params={"side": "query"}``: for a rescoring row, the float vectors its queries are scored with
+        against the stored bits; any other row encodes queries as it stores documents."""
+        from dataclasses import replace
+
         from tasks.variants import encode
 
-        return encode(self.model, self.variant, sentences_of(model_input), BATCH_SIZE)
+        side = (params or {}).get("side", "document")
+        if side not in SIDES:
+            raise ValueError(f"params.side: {side!r} is not one of {', '.join(SIDES)}")
+        variant = self.variant
+        if side == "query" and variant.rescore:
+            variant = replace(variant, precision="float32", rescore=False)
+        return encode(self.model, variant, sentences_of(model_input), BATCH_SIZE)
 
 
 def sentences_of(model_input: Any) -> list[str]:

@@ -57,6 +57,9 @@ class Variant:
             and held-out STS figures are not comparable with label-free rows. ``derive`` inherits it.
         rotated: Its vectors live on other axes than the teacher's (a Matryoshka student's principal axes),
             so an MSE to the teacher's vectors means nothing; cosines are unchanged. ``derive`` inherits it.
+        head_on: For a PCA or truncation row of a torch network: that network's folder. ``model_dir`` is
+            it plus one linear ``Dense``, so quality scoring encodes the network once for both rows and
+            applies the head (:func:`tasks.pca.read_head`). ``derive`` inherits it while the folder stays.
         key: Content key: what the variant computes (the teacher's fingerprint, a stored stage output's key,
             or ``derive``'s hash of the parent's key and the step); quality scores are reused by it.
         reused: Its model came from an earlier run's stored output instead of being built in this run.
@@ -78,6 +81,7 @@ class Variant:
     train_sentences: int | None = None
     uses_sts_labels: bool = False
     rotated: bool = False
+    head_on: Path | None = None
     key: str = ""
     reused: bool = False
 
@@ -104,6 +108,8 @@ class Variant:
             "rotated": self.rotated,
             "train_sentences": self.train_sentences,
             "reused": self.reused,  # nothing of its own stored: as reused as its parent
+            # same folder and runtime: still the network plus the head; another folder or runtime: its own
+            "head_on": None if {"model_dir", "backend", "model_file"} & set(fields) else self.head_on,
         }
         return Variant(
             name,
@@ -233,6 +239,7 @@ def variant_from_spec(spec: dict, model_dir: Path, calibration_file: Path | None
         calibration_file=calibration_file,
         int8_exclude=tuple(spec["int8_exclude"]),
         int8_per_channel=spec["int8_per_channel"],
+        rescore=bool(spec.get("rescore", False)),  # absent from models logged before rescoring existed
     )
 
 
@@ -246,4 +253,5 @@ def runtime_spec(variant: Variant) -> dict[str, object]:
         "precision": variant.precision,
         "int8_exclude": list(variant.int8_exclude),
         "int8_per_channel": variant.int8_per_channel,
+        "rescore": variant.rescore,
     }

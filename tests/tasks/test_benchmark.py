@@ -91,6 +91,47 @@ def test_a_rotated_model_has_no_mse_to_the_teacher(tiny_model_dir: Path, prepare
     assert quality_key(rotated, prepared, heldout, 64) != quality_key(plain, prepared, heldout, 64)
 
 
+def test_reduced_rows_are_scored_on_their_networks_encoding(
+    tiny_model_dir: Path, prepared, tmp_path: Path
+) -> None:
+    from tasks.models import load_sentence_transformer
+    from tasks.pca import append_truncation, reduce_with_pca
+
+    heldout = get_or_encode(tiny_model_dir, prepared.heldout_file, tmp_path / "cache")
+    fit = load_sentence_transformer(tiny_model_dir).encode(read_sts(prepared.sts_file("dev")).sentences1)
+    pca_dir = reduce_with_pca(tiny_model_dir, fit, 8, tmp_path / "pca").model_dir
+    cut_dir = append_truncation(tiny_model_dir, 16, tmp_path / "cut")
+    ranges = tmp_path / "ranges.npy"
+    np.save(ranges, np.vstack((-np.ones(8), np.ones(8))).astype(np.float32))
+    teacher = Variant("teacher", "teacher", tiny_model_dir)
+    pca = Variant("pca8", "pca", pca_dir, head_on=tiny_model_dir)
+    cut = Variant("dim16", "truncated", cut_dir, head_on=tiny_model_dir)
+    pca_int8 = pca.derive(
+        "pca8-emb-int8", "embedding-quantized", "emb-int8", precision="int8", calibration_file=ranges
+    )
+    encodings = []
+    real = evaluate_group
+
+    def counting(group, *args):
+        encodings.append([v.name for v in group])
+        return real(group, *args)
+
+    with_heads = evaluate_all([teacher, pca, cut, pca_int8], prepared, heldout, evaluate=counting)
+    assert encodings == [["teacher", "pca8", "dim16", "pca8-emb-int8"]]  # one network, one encoding
+    # the same figures as encoding each reduced model on its own
+    alone = [evaluate_group([replace(v, head_on=None)], prepared, heldout)[0] for v in (pca, cut, pca_int8)]
+    for ours, theirs in zip(with_heads[1:], alone, strict=True):
+        for name in ("sts_dev_spearman", "sts_test_spearman", "heldout_agreement_spearman"):
+            assert getattr(ours, name) == pytest.approx(getattr(theirs, name), abs=1e-6), name
+        # sts12's sample holds two pairs of identical sentences: cosine 1 up to rounding, so their order
+        # (a tie) follows the summation order; every other suite agrees to rounding
+        tolerance = {"sts12": 0.03}
+        for suite, value in theirs.heldout_spearman.items():
+            assert ours.heldout_spearman[suite] == pytest.approx(value, abs=tolerance.get(suite, 1e-6)), suite
+        assert (ours.dim, ours.parameters, ours.size_mb) == (theirs.dim, theirs.parameters, theirs.size_mb)
+    assert [r.dim for r in with_heads] == [32, 8, 16, 8]
+
+
 def test_other_model_has_positive_mse(tiny_model_dir: Path, prepared, tmp_path: Path) -> None:
     other = build_tiny_model(tmp_path / "other", num_layers=2, seed=1)
     heldout = get_or_encode(tiny_model_dir, prepared.heldout_file, tmp_path / "cache")

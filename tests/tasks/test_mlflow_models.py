@@ -85,3 +85,35 @@ def _float_dim(variant: Variant) -> int:
 def test_signature_matches_the_stored_vectors(dim: int, precision, dtype, width: int) -> None:
     out = signature(dim, precision).outputs.inputs[0]
     assert out.type == np.dtype(dtype) and out.shape == (-1, width)
+
+
+def test_a_rescoring_row_gives_bits_for_documents_and_floats_for_queries(tiny_model_dir: Path, store) -> None:
+    client, experiment_id, _ = store
+    rescored = Variant(
+        "teacher-emb-binary-rescore",
+        "embedding-quantized",
+        tiny_model_dir,
+        "teacher",
+        precision="ubinary",
+        rescore=True,
+    )
+    run_id = client.create_run(experiment_id, run_name=rescored.name).info.run_id
+    log_variant_model(rescored, run_id, embedding_dim=32)
+    client.set_terminated(run_id)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    teacher = Variant("teacher", "teacher", tiny_model_dir)
+    floats = encode(load_model(teacher), teacher, SENTENCES, batch_size=4)
+
+    documents = np.asarray(model.predict(SENTENCES))
+    np.testing.assert_array_equal(
+        documents, np.asarray(model.predict(SENTENCES, params={"side": "document"}))
+    )
+    assert documents.dtype == np.uint8 and documents.shape == (3, 4)
+    np.testing.assert_array_equal(documents, np.packbits(floats > 0, axis=1))
+    queries = np.asarray(model.predict(SENTENCES, params={"side": "query"}))
+    np.testing.assert_allclose(queries, floats, atol=1e-5)
+    assert mlflow.models.get_model_info(f"runs:/{run_id}/model").signature.params.to_dict() == [
+        {"name": "side", "type": "string", "default": "document", "shape": None}
+    ]
+    with pytest.raises(Exception, match="params.side: 'both' is not one of document, query"):
+        model.predict(SENTENCES, params={"side": "both"})

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tasks.models import load_sentence_transformer
-from tasks.pca import PcaConfigError, append_truncation, check_pca_dims, reduce_with_pca
+from tasks.pca import PcaConfigError, append_truncation, check_pca_dims, read_head, reduce_with_pca
 
 
 def test_pca_model_saves_loads_and_encodes_k_dims(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -50,3 +50,26 @@ def test_truncation_beyond_the_model_is_refused(tiny_model_dir: Path, tmp_path: 
     with pytest.raises(PcaConfigError, match=r"not in 1..32"):
         append_truncation(tiny_model_dir, dims, tmp_path / "cut")
     assert not (tmp_path / "cut").exists()
+
+
+@pytest.mark.parametrize("reduction", ["pca", "truncate"])
+def test_the_appended_dense_reads_back_as_a_head_on_the_networks_output(
+    tiny_model_dir: Path, tmp_path: Path, reduction: str
+) -> None:
+    base = load_sentence_transformer(tiny_model_dir)
+    sentences = [f"fitting sentence number {i}" for i in range(40)]
+    if reduction == "pca":
+        reduced_dir = reduce_with_pca(tiny_model_dir, base.encode(sentences), 8, tmp_path / "r").model_dir
+    else:
+        reduced_dir = append_truncation(tiny_model_dir, 8, tmp_path / "r")
+    head = read_head(reduced_dir)
+    expected = load_sentence_transformer(reduced_dir).encode(sentences)
+    np.testing.assert_allclose(head(base.encode(sentences)), expected, atol=1e-5)
+    assert head.parameters == (8 * 32 + 8 if reduction == "pca" else 8 * 32)
+    with pytest.raises(ValueError, match="takes 32 dims, not 8"):
+        head(expected)
+
+
+def test_a_model_without_a_dense_at_the_end_has_no_head(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="not the Dense of a reduction"):
+        read_head(tiny_model_dir)

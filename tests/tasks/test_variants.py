@@ -46,6 +46,14 @@ def test_derive_inherits_the_sts_label_flag(tmp_path: Path) -> None:
     assert not teacher.derive("t-pca8", "pca", "pca8").uses_sts_labels
 
 
+def test_a_head_stays_with_its_folder(tmp_path: Path) -> None:
+    pca = Variant("t-pca8", "pca", tmp_path / "pca", parent="teacher", head_on=tmp_path / "teacher")
+    assert pca.derive("t-pca8-emb-int8", "embedding-quantized", "emb-int8").head_on == tmp_path / "teacher"
+    exported = pca.derive("t-pca8-onnx", "quantized", "onnx", backend="onnx", model_file="onnx/model.onnx")
+    assert exported.head_on is None
+    assert pca.derive("t-pca8-dim4", "truncated", "truncate4", model_dir=tmp_path / "cut").head_on is None
+
+
 def test_int8_needs_calibration(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="needs a calibration_file"):
         quantize(
