@@ -71,9 +71,16 @@ def test_quality_columns_equal_the_distillation_runs(benchmarked) -> None:
     by_name = source_table.set_index("variant")
     for _, row in table.iterrows():
         expected = by_name.loc[row["variant"]]
+        # the distillation run scored a PCA row as the teacher's encoding times its Dense (one encoding for
+        # both); a model downloaded from MLflow is encoded whole: equal up to float rounding, which can
+        # reorder tied pairs (identical sentences, cosine 1) in the small held-out samples
+        reduced = row["kind"] in ("pca", "truncated")
         for column in QUALITY + suites:
             if pd.isna(expected[column]):
                 assert pd.isna(row[column]), (row["variant"], column)
+            elif reduced:
+                tolerance = 0.03 if column in suites else 1e-4 if column.endswith("_pct") else 1e-6
+                assert row[column] == pytest.approx(expected[column], abs=tolerance), (row["variant"], column)
             else:
                 assert row[column] == expected[column], (row["variant"], column)
         assert row["kind"] == expected["kind"] and row["lineage"] == expected["lineage"]
