@@ -60,37 +60,41 @@ def fit_pca(embeddings: np.ndarray, dims: int, seed: int = 42) -> PCA:
 
 def append_pca(model_dir: Path, pca: PCA, out_dir: Path) -> Path:
     """Save ``model_dir`` + a Dense PCA projection to ``out_dir`` (written to a temp name, then renamed)."""
-    from sentence_transformers.sentence_transformer.modules import Dense
-
-    model = load_sentence_transformer(model_dir)
     components = torch.tensor(pca.components_, dtype=torch.float32)  # (k, d)
-    dense = Dense(
-        in_features=components.shape[1],
-        out_features=components.shape[0],
-        bias=True,
-        activation_function=torch.nn.Identity(),
-    )
-    with torch.no_grad():
-        dense.linear.weight.copy_(components)
-        dense.linear.bias.copy_(-torch.tensor(pca.mean_, dtype=torch.float32) @ components.T)
-    model.append(dense)
-    with atomic_dir(out_dir) as tmp:
-        model.save(str(tmp))
-    return Path(out_dir)
+    bias = -torch.tensor(pca.mean_, dtype=torch.float32) @ components.T
+    return _save_appended(load_sentence_transformer(model_dir), linear_dense(components, bias), out_dir)
 
 
 def append_truncation(model_dir: Path, dims: int, out_dir: Path) -> Path:
     """Save ``model_dir`` + a ``Dense`` layer that keeps the first ``dims`` output dimensions (identity rows,
     no bias) to ``out_dir``: what ``truncate_dim`` does at encode time, stored so that every backend and
     export sees it."""
-    from sentence_transformers.sentence_transformer.modules import Dense
-
     model = load_sentence_transformer(model_dir)
     full = model.get_embedding_dimension()
     check_dims(dims, full)
-    dense = Dense(in_features=full, out_features=dims, bias=False, activation_function=torch.nn.Identity())
+    return _save_appended(model, linear_dense(torch.eye(full, dtype=torch.float32)[:dims]), out_dir)
+
+
+def linear_dense(weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.nn.Module:
+    """A ``Dense`` module computing ``x @ weight.T (+ bias)`` (identity activation): how PCA, truncation
+    and a Matryoshka student's rotation are appended to a model; :func:`read_head` reads one back."""
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    dense = Dense(
+        in_features=weight.shape[1],
+        out_features=weight.shape[0],
+        bias=bias is not None,
+        activation_function=torch.nn.Identity(),
+    )
     with torch.no_grad():
-        dense.linear.weight.copy_(torch.eye(full, dtype=torch.float32)[:dims])
+        dense.linear.weight.copy_(weight)
+        if bias is not None:
+            dense.linear.bias.copy_(bias)
+    return dense
+
+
+def _save_appended(model: object, dense: torch.nn.Module, out_dir: Path) -> Path:
+    """Save ``model`` + ``dense`` to ``out_dir`` (written to a temp name, then renamed)."""
     model.append(dense)
     with atomic_dir(out_dir) as tmp:
         model.save(str(tmp))

@@ -40,7 +40,7 @@ from tasks.data import PreparedData, read_sts
 from tasks.devices import device_label, mixed_precision
 from tasks.layer_search import LayerChoice, Probe, choose_layers, log_layer_search, probe_rows
 from tasks.models import fingerprint_model_dir, load_sentence_transformer, resolve_model_dir
-from tasks.pca import fit_pca
+from tasks.pca import fit_pca, linear_dense
 from tasks.teacher_cache import CachedEmbeddings, iter_lines, sentences_digest
 from tasks.tracking import ChildRuns
 from tasks.training_curves import HISTORY_FILE, MlflowCurves, log_history, read_history
@@ -322,12 +322,7 @@ def principal_rotation(targets: np.ndarray) -> np.ndarray:
 
 def append_rotation(model: SentenceTransformer, rotation: np.ndarray) -> SentenceTransformer:
     """Append ``rotation`` as a bias-free ``Dense`` layer (in place); the model saves and loads as usual."""
-    from sentence_transformers.sentence_transformer.modules import Dense
-
-    dense = Dense(rotation.shape[1], rotation.shape[0], bias=False, activation_function=torch.nn.Identity())
-    with torch.no_grad():
-        dense.linear.weight.copy_(torch.from_numpy(rotation))
-    model.append(dense.to(model.device))
+    model.append(linear_dense(torch.from_numpy(rotation)).to(model.device))
     return model
 
 
