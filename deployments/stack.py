@@ -32,6 +32,8 @@ from pathlib import Path
 
 import psutil
 
+from flows.lifecycle import linked_child_options
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_HOME = REPO / ".distill" / "stack"
 BIN = Path(sys.executable).parent
@@ -152,6 +154,7 @@ class Stack:
         benchmark_pool: str = "serving-cpu",
         worker_env: dict[str, str] | None = None,
         deploy_env: dict[str, str] | None = None,
+        linked: bool = False,
     ) -> None:
         self.home = Path(home).resolve()
         self.prefect_port, self.mlflow_port = prefect_port, mlflow_port
@@ -159,6 +162,9 @@ class Stack:
         self.work_pool, self.benchmark_pool = work_pool, benchmark_pool
         self.worker_env = worker_env or {}
         self.deploy_env = deploy_env or {}
+        # linked: the processes also die with this one (on Linux), for a stack scoped to a test or a block
+        # that could be killed before it stops them; `make stack` leaves them running on purpose
+        self.linked = linked
         self.state: StackState | None = None
 
     # --- starting --------------------------------------------------------------------------------------
@@ -205,8 +211,9 @@ class Stack:
         assert self.state is not None
         log = self._log(name)
         with open(log, "ab") as out:
+            options = linked_child_options() if self.linked else {"start_new_session": True}
             process = subprocess.Popen(
-                command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, **options
             )
         started = psutil.Process(process.pid).create_time()
         self.state.services.append(Service(name, process.pid, started, str(log)))

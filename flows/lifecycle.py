@@ -237,7 +237,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _linked_child_options() -> dict[str, Any]:
+def linked_child_options() -> dict[str, Any]:
     """``Popen`` options for a child that is alone in its session and, on Linux, dies with this process."""
     options: dict[str, Any] = {"start_new_session": True}
     if not sys.platform.startswith("linux"):
@@ -267,7 +267,7 @@ def _linked_server_class() -> type[SubprocessASGIServer]:
         def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
             # Prefect's method builds the command and calls ``subprocess.Popen`` from its module; swap in a
             # Popen with our options for that one call (main thread, before the flow's threads exist).
-            server_module.subprocess = _PopenWithOptions(_linked_child_options())  # type: ignore[assignment]
+            server_module.subprocess = _PopenWithOptions(linked_child_options())  # type: ignore[assignment]
             try:
                 return super()._run_uvicorn_command()
             finally:

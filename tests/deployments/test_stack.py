@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from deployments.stack import Stack, StackState, api
+from deployments.stack import REPO, Stack, StackState, api
 from tests.deployments.postgres import local_postgres, why_unavailable
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -54,7 +55,13 @@ def running(request, tmp_path_factory, data_dir) -> Stack:
 
 def _started(home: Path, worker_env: dict, deploy_env: dict, **databases: str):
     stack = Stack(
-        home, prefect_port=None, mlflow_port=None, worker_env=worker_env, deploy_env=deploy_env, **databases
+        home,
+        prefect_port=None,
+        mlflow_port=None,
+        worker_env=worker_env,
+        deploy_env=deploy_env,
+        linked=True,
+        **databases,
     )
     started = time.perf_counter()
     with stack:
@@ -380,3 +387,35 @@ def test_api_retries_a_busy_server_but_not_a_refusal(monkeypatch) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("linked", [True, False], ids=["linked", "left-running"])
+def test_a_linked_stack_dies_with_the_process_that_started_it(tmp_path: Path, linked: bool) -> None:
+    """A stack scoped to a test (``linked=True``) is not left behind when its process is killed before it can
+    stop it (SIGKILL: no teardown runs); ``make stack``'s processes outlive the command that started them."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys, time; from pathlib import Path; from deployments.stack import Stack, StackState; "
+        f"stack = Stack(Path(sys.argv[1]), linked={linked}); "
+        "stack.state = StackState(sys.argv[1], 'http://127.0.0.1:1', 'http://127.0.0.1:2', 'pool'); "
+        "(Path(sys.argv[1]) / 'logs').mkdir(); "
+        "sleeper = [sys.executable, '-c', 'import time; time.sleep(600)']; "
+        "server = stack._spawn('prefect', sleeper, dict(os.environ)); "
+        "print(server.pid, flush=True); time.sleep(600)"
+    )
+    starter = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        server = psutil.Process(int(starter.stdout.readline()))
+    finally:
+        starter.kill()
+        starter.wait(timeout=10)
+    try:
+        gone, _ = psutil.wait_procs([server], timeout=10)
+        assert bool(gone) == linked
+    finally:
+        with suppress(psutil.NoSuchProcess):
+            server.kill()
