@@ -111,8 +111,8 @@ class StudentSpec(_Frozen):
     num_layers: int | None = Field(
         default=None,
         ge=1,
-        description="Keep this many layers: evenly spaced (always the first and the last), or the budget of "
-        "layers: auto.",
+        description="Keep this many layers: evenly spaced (always the first and the last; one layer: the "
+        "last), or the budget of layers: auto.",
     )
     layers: tuple[int, ...] | Literal["auto"] | None = Field(
         default=None,

@@ -114,8 +114,9 @@ class TrainedStudent:
 def plan_layers(teacher_layers: int, spec: StudentSpec) -> tuple[int, ...] | None:
     """The 0-based teacher layers a student keeps (``None`` for ``layers: auto``: searched when trained).
 
-    ``num_layers=k`` keeps k evenly spaced layers including the first and the last (k=1 keeps the first);
-    an explicit ``layers`` list is checked against the teacher's depth.
+    ``num_layers=k`` keeps k evenly spaced layers including the first and the last; k=1 keeps the last, the
+    layer whose output the student must reproduce (measured on STS-B dev with a 6-layer teacher: 0.820 vs
+    0.732 for the first layer). An explicit ``layers`` list is checked against the teacher's depth.
     """
     if isinstance(spec.layers, tuple):
         layers = tuple(sorted(spec.layers))
@@ -135,7 +136,7 @@ def plan_layers(teacher_layers: int, spec: StudentSpec) -> tuple[int, ...] | Non
     if spec.auto_layers:
         return None
     if spec.num_layers == 1:
-        return (0,)
+        return (teacher_layers - 1,)
     return tuple(int(round(x)) for x in np.linspace(0, teacher_layers - 1, spec.num_layers))
 
 

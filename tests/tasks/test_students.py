@@ -32,14 +32,17 @@ from tasks.teacher_cache import get_or_encode
     [
         (6, 3, (0, 2, 5)),
         (6, 2, (0, 5)),
-        (6, 1, (0,)),
+        (6, 1, (5,)),
+        (12, 1, (11,)),
         (6, 6, (0, 1, 2, 3, 4, 5)),
         (12, 4, (0, 4, 7, 11)),
         (12, 6, (0, 2, 4, 7, 9, 11)),
         (12, 8, (0, 2, 3, 5, 6, 8, 9, 11)),
     ],
 )
-def test_even_spacing_keeps_first_and_last(teacher_layers: int, keep: int, expected: tuple) -> None:
+def test_even_spacing_keeps_first_and_last_one_layer_the_last(
+    teacher_layers: int, keep: int, expected: tuple
+) -> None:
     layers = plan_layers(teacher_layers, StudentSpec(num_layers=keep))
     assert layers == expected
     assert len(set(layers)) == keep
