@@ -59,6 +59,13 @@ class DeploymentSettings(BaseSettings):
     cache_cron: str = Field(default="0 1 * * *", description="When the cache warm-up starts (cron).")
     nightly_timezone: str = Field(default="UTC", description="IANA time zone of nightly_cron.")
     nightly_profile: ProfileName = Field(default="standard", description="Profile of the nightly run.")
+    pool_concurrency_limit: int = Field(
+        default=1,
+        ge=1,
+        description="Flow runs a work pool created here runs at once; later runs wait in the queue. Each run "
+        "uses every core (two trainings at once on 2 cores ran ~10x slower each) and a benchmark's timings "
+        "need the machine to themselves. Raise it for pools whose workers have cores to spare.",
+    )
     project_dir: Path = Field(default=REPO, description="Project folder the worker runs flows in.")
 
     @field_validator("nightly_timezone")
@@ -82,8 +89,9 @@ class DeploymentSettings(BaseSettings):
         return cron
 
 
-def ensure_work_pool(name: str) -> None:
-    """Create the ``process`` work pool unless it exists (an existing pool is left as it is)."""
+def ensure_work_pool(name: str, concurrency_limit: int) -> None:
+    """Create the ``process`` work pool unless it exists, running at most ``concurrency_limit`` flow runs at
+    once. An existing pool is left as it is; one without a limit gets a warning naming the fix."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
@@ -94,13 +102,28 @@ def ensure_work_pool(name: str) -> None:
             pool = client.read_work_pool(name)
         except ObjectNotFound:
             template = ProcessWorker.get_default_base_job_template()
-            client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=template))
-            log.info("created process work pool %s", name)
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type="process",
+                    base_job_template=template,
+                    concurrency_limit=concurrency_limit,
+                )
+            )
+            log.info("created process work pool %s (at most %d flow runs at once)", name, concurrency_limit)
             return
         if pool.type != "process":
             raise ValueError(
                 f"work pool {name!r} exists with type {pool.type!r}; these deployments need a process pool: "
                 f"set DISTILL_WORK_POOL to another name"
+            )
+        if pool.concurrency_limit is None:
+            log.warning(
+                "work pool %s has no concurrency limit: its flow runs run at once and share the cores "
+                "(`prefect work-pool set-concurrency-limit %s %d` queues them instead)",
+                name,
+                name,
+                concurrency_limit,
             )
 
 
@@ -173,7 +196,7 @@ def apply(settings: DeploymentSettings) -> list[str]:
         by_pool.setdefault(pool, []).append(deployment)
     ids = []
     for pool, batch in by_pool.items():
-        ensure_work_pool(pool)
+        ensure_work_pool(pool, settings.pool_concurrency_limit)
         ids += deploy(
             *batch,
             work_pool_name=pool,

@@ -194,6 +194,7 @@ def test_worker_applies_deployments_and_runs_the_pool(compose, config):
     assert env["TOKENIZERS_PARALLELISM"] == "false"
     assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "tasks,flows"
     assert (env["DISTILL_NIGHTLY_CRON"], env["DISTILL_NIGHTLY_TIMEZONE"]) == ("0 2 * * *", "UTC")
+    assert env["DISTILL_POOL_CONCURRENCY_LIMIT"] == "1"
     volumes = {v["target"]: v for v in worker["volumes"]}
     data = volumes[env["DISTILL_DATA_DIR"]]
     assert data["type"] == "bind" and data["read_only"] is True

@@ -44,12 +44,15 @@ def test_benchmark_form_takes_a_list_of_references() -> None:
 def test_settings_come_from_the_environment(monkeypatch) -> None:
     monkeypatch.setenv("DISTILL_NIGHTLY_CRON", "30 4 * * 1-5")
     monkeypatch.setenv("DISTILL_NIGHTLY_TIMEZONE", "Europe/Berlin")
+    monkeypatch.setenv("DISTILL_POOL_CONCURRENCY_LIMIT", "2")
     settings = DeploymentSettings()
-    assert (settings.nightly_cron, settings.nightly_timezone, settings.work_pool) == (
-        "30 4 * * 1-5",
-        "Europe/Berlin",
-        "distill-cpu",
-    )
+    assert (
+        settings.nightly_cron,
+        settings.nightly_timezone,
+        settings.work_pool,
+        settings.pool_concurrency_limit,
+    ) == ("30 4 * * 1-5", "Europe/Berlin", "distill-cpu", 2)
+    assert DeploymentSettings.model_fields["pool_concurrency_limit"].default == 1  # one run at a time
 
 
 @pytest.mark.parametrize(
@@ -70,6 +73,11 @@ def test_settings_come_from_the_environment(monkeypatch) -> None:
             "DISTILL_NIGHTLY_PROFILE",
             "huge",
             "DISTILL_NIGHTLY_PROFILE: Input should be 'smoke', 'quick', 'standard' or 'full'",
+        ),
+        (
+            "DISTILL_POOL_CONCURRENCY_LIMIT",
+            "0",
+            "DISTILL_POOL_CONCURRENCY_LIMIT: Input should be greater than or equal to 1",
         ),
     ],
 )

@@ -218,6 +218,23 @@ def test_warm_the_cache_from_the_ui(stack: StackState) -> None:
     assert parent.data.metrics["corpus_sentences"] == 250
 
 
+def test_a_pool_runs_one_flow_run_at_a_time(stack: StackState) -> None:
+    """Runs share the machine's cores (and a benchmark's timings need them alone): two runs triggered at once
+    run one after the other, the second waiting in the queue."""
+    for pool in ("distill-cpu", "serving-cpu"):
+        assert api(stack.prefect_api_url, f"/work_pools/{pool}")["concurrency_limit"] == 1, pool
+    parameters = {"profile": "smoke", "corpus_wiki_sentences": 250}
+    flow_run_ids = [
+        _trigger(stack, parameters, flow="warm-teacher-cache", name="before-nightly") for _ in range(2)
+    ]
+    runs = [_wait(stack, flow_run_id, timeout=300)[0] for flow_run_id in flow_run_ids]
+    assert [run["state_type"] for run in runs] == ["COMPLETED", "COMPLETED"], [run["state"] for run in runs]
+    first, second = sorted(
+        (datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"])) for r in runs
+    )
+    assert second[0] >= first[1], f"the runs overlapped: {first} and {second}"
+
+
 def test_nightly_has_runs_created_by_the_scheduler(running: Stack, stack: StackState) -> None:
     deployment_id = _deployment_id(stack, "nightly")
     deployment = api(stack.prefect_api_url, f"/deployments/{deployment_id}")
