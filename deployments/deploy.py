@@ -13,12 +13,12 @@
 
 The distillation and cache deployments run on the ``process`` work pool ``distill-cpu``
 (``DISTILL_WORK_POOL``; ``DISTILL_CACHE_WORK_POOL`` moves the cache warm-up to e.g. a GPU box's pool); the
-benchmark on
-``serving-cpu`` (``DISTILL_BENCHMARK_WORK_POOL``): one pool per kind of hardware, and a worker on each
-machine that serves (``prefect worker start --pool serving-cpu``), so a run of it is timed there. Pools are
-created if missing; workers start each flow run in the project folder. A flow run inherits its worker's
-environment: ``MLFLOW_TRACKING_URI``, ``DISTILL_DATA_DIR`` and ``DISTILL_WORK_DIR`` belong there (``make
-stack`` and docker-compose set them). Re-running this updates the deployments in place.
+benchmark on ``serving-cpu`` (``DISTILL_BENCHMARK_WORK_POOL``): one pool per kind of hardware, and a worker
+on each machine that serves (``prefect worker start --pool serving-cpu``), so a run of it is timed there.
+Pools are created if missing, running one flow run at a time (``DISTILL_POOL_CONCURRENCY_LIMIT``); workers
+start each flow run in the project folder. A flow run inherits its worker's environment:
+``MLFLOW_TRACKING_URI``, ``DISTILL_DATA_DIR`` and ``DISTILL_WORK_DIR`` belong there (``make stack`` and
+docker-compose set them). Re-running this updates the deployments in place.
 """
 
 from __future__ import annotations
