@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -40,6 +41,8 @@ FLOW_NAME = "distill-embeddings"
 ENTRYPOINT = "flows/distill.py:distill"
 CACHE_ENTRYPOINT = "flows/teacher_cache.py:warm_teacher_cache"
 BENCHMARK_ENTRYPOINT = "flows/benchmark.py:benchmark_models"
+UNRESPONSIVE_AUTOMATION = "distill: crash unresponsive flow runs"
+HEARTBEAT_SECONDS = 60  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers make stack and docker-compose start
 log = logging.getLogger(__name__)
 
 
@@ -65,6 +68,14 @@ class DeploymentSettings(BaseSettings):
         description="Flow runs a work pool created here runs at once; later runs wait in the queue. Each run "
         "uses every core (two trainings at once on 2 cores ran ~10x slower each) and a benchmark's timings "
         "need the machine to themselves. Raise it for pools whose workers have cores to spare.",
+    )
+    unresponsive_after_s: int = Field(
+        default=300,
+        ge=60,
+        description="A flow run whose heartbeats stop for this long (its machine or container died and no "
+        "worker saw it end) is marked Crashed, so it stops holding its pool's slot. Workers send a heartbeat "
+        f"every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds ({HEARTBEAT_SECONDS} in `make stack` and "
+        "docker-compose): keep this a few times that.",
     )
     project_dir: Path = Field(default=REPO, description="Project folder the worker runs flows in.")
 
@@ -142,6 +153,43 @@ def as_form(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+def ensure_unresponsive_run_automation(after_s: int) -> str:
+    """Create or update (by name) Prefect's zombie-flow automation: a flow run that sent a heartbeat and then
+    neither another one nor a final state within ``after_s`` is marked Crashed. Returns its id."""
+    from prefect.automations import AutomationCore, ChangeFlowRunState, EventTrigger, Posture
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.schemas.events import ResourceSpecification
+
+    final = ("Completed", "Failed", "Cancelled", "Crashed")
+    automation = AutomationCore(
+        name=UNRESPONSIVE_AUTOMATION,
+        description=f"Flow runs whose heartbeats stop for {after_s} s are marked Crashed, freeing their work "
+        "pool's slot (DISTILL_UNRESPONSIVE_AFTER_S; heartbeats: PREFECT_FLOWS_HEARTBEAT_FREQUENCY).",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *(f"prefect.flow-run.{state}" for state in final)},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=after_s),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {after_s} s: the process running it is gone",
+            )
+        ],
+    )
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(UNRESPONSIVE_AUTOMATION)
+        if existing:
+            client.update_automation(existing[0].id, automation)
+            return str(existing[0].id)
+        return str(client.create_automation(automation))
+
+
 def apply(settings: DeploymentSettings) -> list[str]:
     """Create or update every deployment; returns their ids."""
     from prefect import deploy
@@ -205,6 +253,7 @@ def apply(settings: DeploymentSettings) -> list[str]:
             print_next_steps_message=False,
             ignore_warnings=True,
         )
+    ensure_unresponsive_run_automation(settings.unresponsive_after_s)
     return [str(i) for i in ids]
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import psutil
 
+from deployments.deploy import HEARTBEAT_SECONDS
 from flows.lifecycle import linked_child_options
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,6 +267,9 @@ class Stack:
             **self._client_env(),
             "MLFLOW_TRACKING_URI": self.state.mlflow_url,
             "PREFECT_WORKER_QUERY_SECONDS": "5",
+            # flow runs send heartbeats: one that stops (its process is gone) is marked Crashed by deploy's
+            # automation instead of holding its pool's slot forever
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS),
             "TOKENIZERS_PARALLELISM": "false",
             **self.worker_env,
         }

@@ -195,6 +195,7 @@ def test_worker_applies_deployments_and_runs_the_pool(compose, config):
     assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "tasks,flows"
     assert (env["DISTILL_NIGHTLY_CRON"], env["DISTILL_NIGHTLY_TIMEZONE"]) == ("0 2 * * *", "UTC")
     assert env["DISTILL_POOL_CONCURRENCY_LIMIT"] == "1"
+    assert (env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"], env["DISTILL_UNRESPONSIVE_AFTER_S"]) == ("60", "300")
     volumes = {v["target"]: v for v in worker["volumes"]}
     data = volumes[env["DISTILL_DATA_DIR"]]
     assert data["type"] == "bind" and data["read_only"] is True
@@ -306,7 +307,8 @@ def test_serving_worker_runs_the_benchmark_pool(compose, config):
     assert serving["command"] == ["prefect", "worker", "start", "--pool", "serving-cpu", "--type", "process"]
     assert serving["stop_signal"] == "SIGINT" and serving["restart"] == "unless-stopped"
     assert "worker" in serving["depends_on"]  # which applies the deployments and creates the pools
-    for key in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "DISTILL_DATA_DIR", "DISTILL_WORK_DIR", "HF_HOME"):
+    shared = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "DISTILL_DATA_DIR", "DISTILL_WORK_DIR", "HF_HOME")
+    for key in (*shared, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"):
         assert serving["environment"][key] == worker["environment"][key], key
     data = next(v for v in serving["volumes"] if v["target"] == serving["environment"]["DISTILL_DATA_DIR"])
     assert data["type"] == "bind" and data["read_only"] is True and Path(data["source"]) == compose.data_dir

@@ -79,6 +79,11 @@ def test_settings_come_from_the_environment(monkeypatch) -> None:
             "0",
             "DISTILL_POOL_CONCURRENCY_LIMIT: Input should be greater than or equal to 1",
         ),
+        (
+            "DISTILL_UNRESPONSIVE_AFTER_S",
+            "30",
+            "DISTILL_UNRESPONSIVE_AFTER_S: Input should be greater than or equal to 60",
+        ),
     ],
 )
 def test_bad_settings_are_named_before_contacting_the_server(

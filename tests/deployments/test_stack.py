@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import uuid
 from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,10 +18,12 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from deployments.deploy import UNRESPONSIVE_AUTOMATION
 from deployments.stack import REPO, Stack, StackState, api
 from tests.deployments.postgres import local_postgres, why_unavailable
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+UNRESPONSIVE_AFTER_S = 60  # the shortest window deploy accepts, to keep the zombie test short
 SMOKE_EXPERIMENT = "embedding-distillation-smoke"
 
 
@@ -36,8 +39,10 @@ def running(request, tmp_path_factory, data_dir) -> Stack:
         "DISTILL_DATA_DIR": str(data_dir),
         "DISTILL_WORK_DIR": str(home / "work"),
         "HF_HUB_OFFLINE": "1",
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",  # Prefect's minimum: half the window below
     }
     deploy_env = {
+        "DISTILL_UNRESPONSIVE_AFTER_S": str(UNRESPONSIVE_AFTER_S),
         "DISTILL_NIGHTLY_CRON": _far_from_now_cron(),
         "DISTILL_CACHE_CRON": _far_from_now_cron(),
         "DISTILL_NIGHTLY_TIMEZONE": "UTC",
@@ -233,6 +238,32 @@ def test_a_pool_runs_one_flow_run_at_a_time(stack: StackState) -> None:
         (datetime.fromisoformat(r["start_time"]), datetime.fromisoformat(r["end_time"])) for r in runs
     )
     assert second[0] >= first[1], f"the runs overlapped: {first} and {second}"
+
+
+def test_a_run_whose_heartbeats_stop_is_crashed_and_frees_its_pool(stack: StackState) -> None:
+    """A run left Running by a process that died unseen (machine or container gone: here a run created
+    Running with nothing behind it, after one heartbeat) holds the pool's only slot until deploy's
+    automation marks it Crashed; the run queued behind it then starts."""
+    (automation,) = api(stack.prefect_api_url, "/automations/filter", {})
+    assert automation["name"] == UNRESPONSIVE_AUTOMATION and automation["enabled"]
+    deployment_id = _deployment_id(stack, "before-nightly", "warm-teacher-cache")
+    body = {"parameters": {"profile": "smoke"}, "state": {"type": "RUNNING"}}
+    zombie = api(stack.prefect_api_url, f"/deployments/{deployment_id}/create_flow_run", body)["id"]
+    heartbeat = {
+        "id": str(uuid.uuid4()),
+        "occurred": datetime.now(UTC).isoformat(),
+        "event": "prefect.flow-run.heartbeat",
+        "resource": {"prefect.resource.id": f"prefect.flow-run.{zombie}"},
+    }
+    api(stack.prefect_api_url, "/events", [heartbeat])
+    parameters = {"profile": "smoke", "corpus_wiki_sentences": 250}
+    queued = _trigger(stack, parameters, flow="warm-teacher-cache", name="before-nightly")
+    crashed, seen = _wait(stack, zombie, timeout=UNRESPONSIVE_AFTER_S + 120)
+    assert crashed["state_type"] == "CRASHED" and "no heartbeat" in crashed["state"]["message"]
+    assert seen["CRASHED"] >= UNRESPONSIVE_AFTER_S - 10, seen  # not before the window
+    run, _ = _wait(stack, queued, timeout=300)
+    assert run["state_type"] == "COMPLETED", run["state"]
+    assert datetime.fromisoformat(run["start_time"]) >= datetime.fromisoformat(crashed["end_time"])
 
 
 def test_nightly_has_runs_created_by_the_scheduler(running: Stack, stack: StackState) -> None:
