@@ -286,7 +286,8 @@ def main() -> int:
         f"{FLOW_NAME}/on-demand on work pool {settings.work_pool}, warm-teacher-cache/before-nightly "
         f"({settings.cache_cron}) on {settings.cache_work_pool or settings.work_pool}, and "
         f"benchmark-models/on-demand on {settings.benchmark_work_pool}, at {os.environ['PREFECT_API_URL']} "
-        f"(ids {', '.join(ids)})"
+        f"(ids {', '.join(ids)}); flow runs silent for {settings.unresponsive_after_s} s are marked Crashed "
+        f"(automation {UNRESPONSIVE_AUTOMATION!r})"
     )
     return 0
 
