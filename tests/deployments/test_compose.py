@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from deployments.deploy import HEARTBEAT_SECONDS, DeploymentSettings
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -195,7 +197,11 @@ def test_worker_applies_deployments_and_runs_the_pool(compose, config):
     assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "tasks,flows"
     assert (env["DISTILL_NIGHTLY_CRON"], env["DISTILL_NIGHTLY_TIMEZONE"]) == ("0 2 * * *", "UTC")
     assert env["DISTILL_POOL_CONCURRENCY_LIMIT"] == "1"
-    assert (env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"], env["DISTILL_UNRESPONSIVE_AFTER_S"]) == ("60", "300")
+    # compose's defaults are deploy's own: heartbeats as often as its window assumes
+    assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_SECONDS)
+    assert env["DISTILL_UNRESPONSIVE_AFTER_S"] == str(
+        DeploymentSettings.model_fields["unresponsive_after_s"].default
+    )
     volumes = {v["target"]: v for v in worker["volumes"]}
     data = volumes[env["DISTILL_DATA_DIR"]]
     assert data["type"] == "bind" and data["read_only"] is True
