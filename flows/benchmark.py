@@ -36,6 +36,7 @@ from tasks.benchmark import (
     evaluate_group_task,
     machine_tags,
     measure_throughput_task,
+    speed_metrics,
 )
 from tasks.config import BenchmarkConfig, DistillConfig, ProfileName, form_overrides, resolve_form
 from tasks.data import PreparedData, check_data, prepare_data
@@ -167,6 +168,7 @@ def benchmark_models(
             variants, data, heldout, config.benchmark, work / "artifacts", device
         )
         mlflow.log_params({"benchmark.device_used": speed.label("teacher")})
+        mlflow.log_metrics(speed_metrics(speed))
         table = with_sources(build_table(variants, quality, speed), variants, data, teacher_key)
         files = write_report(
             table, work / "runs" / run_id / "report", speed, artifact_key="benchmark-tradeoff"

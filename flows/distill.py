@@ -15,7 +15,7 @@ from pydantic import Field
 from flows.benchmark import measure_variants
 from flows.runner import Call, dask_pool, dask_tasks, run_tasks, submit
 from flows.teacher_cache import embed_with_teacher
-from tasks.benchmark import machine_tags
+from tasks.benchmark import machine_tags, speed_metrics
 from tasks.compress import CompressInputs, StepFailure, compress_variants, run_step_as_task, step_task
 from tasks.config import (
     BEST_STUDENT,
@@ -140,6 +140,7 @@ def distill(
                 # their own, such as torch int8 or binary vectors, count as their parent does)
                 "variants_reused": sum(v.reused for v in variants),
                 "compress_steps_failed": len(failed_steps),
+                **speed_metrics(speed),
             }
         )
 

@@ -10,7 +10,9 @@ evaluation sentences.
 
 Speed: a fixed list of held-out sentences, the same batch size for every variant, after a warm-up; repeats
 are interleaved across variants (teacher, s1, s2, teacher, s1, s2, ...) so that machine noise hits all of
-them alike; the median is reported. Quantizing the output vectors is part of the timed work.
+them alike; the median is reported. Quantizing the output vectors is part of the timed work. The share
+of the machine's CPU that other processes used while timing is measured (:class:`CpuWatch`) and reported
+beside the figures, with a warning when it is high: another job on the machine skews every ratio.
 
 Quality scores are stored by the variant's content key and the evaluation data (:mod:`tasks.artifacts`):
 an unchanged model is not scored again by a later run. Speed is always measured afresh, side by side.
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import psutil
 import torch
 from prefect import task
 from scipy.stats import pearsonr, spearmanr
@@ -300,6 +303,39 @@ def evaluate_all(
     return [by_name[v.name] for v in variants]
 
 
+BACKGROUND_CPU_WARN_PCT = 10.0  # other processes' share of the CPU while timing above which a run warns
+
+
+class CpuWatch:
+    """How much of the machine's CPU time other processes used while a block ran: system-wide busy time
+    minus this process's own (all its threads), over wall time x logical cores, in percent. Read
+    ``background_pct`` after the block; ``None`` where the platform gives no system-wide CPU times."""
+
+    background_pct: float | None = None
+
+    def __enter__(self) -> CpuWatch:
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        end = self._sample()
+        if self._start is None or end is None or end[2] <= self._start[2]:
+            return
+        busy, own, wall = (b - a for a, b in zip(self._start, end, strict=True))
+        cores = psutil.cpu_count() or 1
+        self.background_pct = round(100 * max(0.0, busy - own) / (wall * cores), 1)
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            system, own = psutil.cpu_times(), psutil.Process().cpu_times()
+        except (psutil.Error, OSError, NotImplementedError):
+            return None
+        # steal (the hypervisor's) and guest (already inside user) are not other processes' work
+        busy = sum(getattr(system, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq"))
+        return busy, own.user + own.system, time.monotonic()
+
+
 @dataclass(frozen=True)
 class SpeedResult:
     """Sentences/s per variant, timed side by side. ``devices`` says where each was timed (``cpu`` /
@@ -315,6 +351,7 @@ class SpeedResult:
     devices: dict[str, str] = field(default_factory=dict)
     device_labels: dict[str, str] = field(default_factory=dict)
     reference: dict[str, str] = field(default_factory=dict)
+    background_cpu_pct: float | None = None  # other processes' share of the CPU while timing (CpuWatch)
 
     def device_of(self, name: str) -> str:
         return self.devices.get(name, "cpu")
@@ -372,7 +409,7 @@ def measure_throughput(
         if warm:
             encode(models[variant.name], variant, warm, config.batch_size)
     timings: dict[str, list[float]] = {v.name: [] for v in timed}
-    with tqdm(total=config.repeats * len(timed), desc="throughput", unit="run") as bar:
+    with CpuWatch() as watch, tqdm(total=config.repeats * len(timed), desc="throughput", unit="run") as bar:
         for _ in range(config.repeats):
             for variant in timed:
                 start = time.perf_counter()
@@ -383,6 +420,13 @@ def measure_throughput(
     per_second = {name: len(sentences) / statistics.median(t) for name, t in timings.items()}
     for name, value in per_second.items():
         log.info("%s: %.1f sentences/s on %s", name, value, where[name])
+    if watch.background_pct is not None and watch.background_pct > BACKGROUND_CPU_WARN_PCT:
+        log.warning(
+            "other processes used %.0f%% of this machine's CPU while speed was timed: this run's sentences/s "
+            "and speed-ups are noisier than usual; time again with nothing else running (e.g. `distill "
+            "benchmark`, or a run whose stages are all reused)",
+            watch.background_pct,
+        )
     reference = {where[variants[0].name]: variants[0].name}
     if cpu_teacher:
         reference["cpu"] = cpu_teacher.name
@@ -396,6 +440,7 @@ def measure_throughput(
         devices=where,
         device_labels={d: device_label(d) for d in set(where.values())},
         reference=reference,
+        background_cpu_pct=watch.background_pct,
     )
 
 
@@ -405,6 +450,29 @@ def measure_throughput_task(
 ) -> SpeedResult:
     """Prefect task around :func:`measure_throughput`."""
     return measure_throughput(variants, data, config, device)
+
+
+def speed_metrics(speed: SpeedResult) -> dict[str, float]:
+    """Run-level MLflow metrics of the speed measurement (what was going on beside it)."""
+    if speed.background_cpu_pct is None:
+        return {}
+    return {"benchmark.background_cpu_pct": speed.background_cpu_pct}
+
+
+def speed_note(speed: SpeedResult) -> str:
+    """How speed was timed, for the report under the table."""
+    repeats = len(next(iter(speed.all_timings_s.values())))
+    note = (
+        f"Speed: {speed.sentences} held-out sentences, batch {speed.batch_size}, {speed.threads} threads, "
+        f"{speed.cpu}; median of {repeats} interleaved repeats."
+    )
+    pct = speed.background_cpu_pct
+    if pct is not None:
+        note += f" Other processes used {pct:.0f}% of the machine's CPU while timing"
+        if pct > BACKGROUND_CPU_WARN_PCT:
+            note += ": the speed figures are noisier than usual; time again with nothing else running"
+        note += "."
+    return note
 
 
 # CPU features that change what int8 / bf16 inference costs (VNNI, AMX, AVX-512, AVX2)

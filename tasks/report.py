@@ -16,7 +16,7 @@ from matplotlib import ticker  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from tasks.benchmark import QualityResult, SpeedResult  # noqa: E402
+from tasks.benchmark import QualityResult, SpeedResult, speed_note  # noqa: E402
 from tasks.compress import StepFailure  # noqa: E402
 from tasks.variants import Variant  # noqa: E402
 
@@ -302,11 +302,7 @@ def write_report(
         "bars_plot": plot_bars(table, out_dir / "variants.png"),
     }
     table.to_csv(files["csv"], index=False)
-    note = (
-        f"Speed: {speed.sentences} held-out sentences, batch {speed.batch_size}, {speed.threads} threads, "
-        f"{speed.cpu}; median of {len(next(iter(speed.all_timings_s.values())))} interleaved repeats."
-        + gpu_note(speed)
-    )
+    note = speed_note(speed) + gpu_note(speed)
     files["markdown"].write_text(format_table(table) + "\n\n" + note + "\n", encoding="utf-8")
     create_table_artifact(
         key=artifact_key,

@@ -221,6 +221,7 @@ def test_second_run_hits_the_teacher_cache(two_runs) -> None:
     _, _, parents, results = two_runs
     first, second = (p.data.metrics["teacher_sentences_encoded"] for p in parents)
     assert first == 200 + 300  # corpus + held-out sentences, encoded once
+    assert all(0 <= p.data.metrics["benchmark.background_cpu_pct"] <= 100 for p in parents)
     assert second == 0
     assert "teacher cache hit" in results[1][1]
 

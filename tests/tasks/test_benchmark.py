@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -6,11 +9,16 @@ import numpy as np
 import pytest
 
 from tasks.benchmark import (
+    BACKGROUND_CPU_WARN_PCT,
+    CpuWatch,
+    SpeedResult,
     agreement_spearman,
     evaluate_all,
     evaluate_group,
     measure_throughput,
     quality_key,
+    speed_metrics,
+    speed_note,
     teacher_on_cpu,
 )
 from tasks.config import BenchmarkConfig, DataConfig
@@ -168,6 +176,51 @@ def test_throughput_times_every_variant_side_by_side(tiny_model_dir: Path, prepa
     assert set(speed.sentences_per_second) == {"teacher", "one-layer", "bits"}
     assert all(len(t) == 3 for t in speed.all_timings_s.values())
     assert speed.sentences == 40 and speed.threads >= 1 and speed.cpu
+    assert speed.background_cpu_pct is not None and 0 <= speed.background_cpu_pct <= 100
+
+
+def _spin(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_cpu_watch_counts_other_processes_work_not_its_own() -> None:
+    import psutil
+
+    one_core = 100 / (psutil.cpu_count() or 1)
+    with CpuWatch() as own:
+        _spin(1.0)  # this process's own work is what is being timed: not background
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it start
+        with CpuWatch() as busy:
+            time.sleep(1.5)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert busy.background_pct is not None and own.background_pct is not None
+    assert busy.background_pct >= 0.6 * one_core  # one other process spinning: about one core's share
+    assert own.background_pct < busy.background_pct - 0.3 * one_core
+
+
+@pytest.mark.parametrize(
+    ("pct", "metrics", "says"),
+    [
+        (None, {}, None),
+        (2.0, {"benchmark.background_cpu_pct": 2.0}, "Other processes used 2% of the machine's CPU while"),
+        (BACKGROUND_CPU_WARN_PCT + 30, {"benchmark.background_cpu_pct": 40.0}, "noisier than usual"),
+    ],
+)
+def test_the_report_says_how_busy_the_machine_was_while_timing(pct, metrics, says) -> None:
+    speed = SpeedResult({"teacher": 1.0}, {"teacher": [1.0, 1.0]}, 10, 8, 2, "cpu", background_cpu_pct=pct)
+    note = speed_note(speed)
+    assert note.startswith("Speed: 10 held-out sentences, batch 8, 2 threads, cpu; median of 2 interleaved")
+    assert speed_metrics(speed) == metrics
+    if says is None:
+        assert "Other processes" not in note
+    else:
+        assert says in note
 
 
 @pytest.mark.parametrize(
