@@ -353,6 +353,11 @@ class SpeedResult:
     reference: dict[str, str] = field(default_factory=dict)
     background_cpu_pct: float | None = None  # other processes' share of the CPU while timing (CpuWatch)
 
+    @property
+    def noisy(self) -> bool:
+        """Other processes used more than ``BACKGROUND_CPU_WARN_PCT`` of the CPU while it was timed."""
+        return self.background_cpu_pct is not None and self.background_cpu_pct > BACKGROUND_CPU_WARN_PCT
+
     def device_of(self, name: str) -> str:
         return self.devices.get(name, "cpu")
 
@@ -420,17 +425,10 @@ def measure_throughput(
     per_second = {name: len(sentences) / statistics.median(t) for name, t in timings.items()}
     for name, value in per_second.items():
         log.info("%s: %.1f sentences/s on %s", name, value, where[name])
-    if watch.background_pct is not None and watch.background_pct > BACKGROUND_CPU_WARN_PCT:
-        log.warning(
-            "other processes used %.0f%% of this machine's CPU while speed was timed: this run's sentences/s "
-            "and speed-ups are noisier than usual; time again with nothing else running (e.g. `distill "
-            "benchmark`, or a run whose stages are all reused)",
-            watch.background_pct,
-        )
     reference = {where[variants[0].name]: variants[0].name}
     if cpu_teacher:
         reference["cpu"] = cpu_teacher.name
-    return SpeedResult(
+    speed = SpeedResult(
         per_second,
         timings,
         len(sentences),
@@ -442,6 +440,14 @@ def measure_throughput(
         reference=reference,
         background_cpu_pct=watch.background_pct,
     )
+    if speed.noisy:
+        log.warning(
+            "other processes used %.0f%% of this machine's CPU while speed was timed: this run's sentences/s "
+            "and speed-ups are noisier than usual; time again with nothing else running (e.g. `distill "
+            "benchmark`, or a run whose stages are all reused)",
+            speed.background_cpu_pct,
+        )
+    return speed
 
 
 @task(name="measure-throughput")
@@ -457,22 +463,6 @@ def speed_metrics(speed: SpeedResult) -> dict[str, float]:
     if speed.background_cpu_pct is None:
         return {}
     return {"benchmark.background_cpu_pct": speed.background_cpu_pct}
-
-
-def speed_note(speed: SpeedResult) -> str:
-    """How speed was timed, for the report under the table."""
-    repeats = len(next(iter(speed.all_timings_s.values())))
-    note = (
-        f"Speed: {speed.sentences} held-out sentences, batch {speed.batch_size}, {speed.threads} threads, "
-        f"{speed.cpu}; median of {repeats} interleaved repeats."
-    )
-    pct = speed.background_cpu_pct
-    if pct is not None:
-        note += f" Other processes used {pct:.0f}% of the machine's CPU while timing"
-        if pct > BACKGROUND_CPU_WARN_PCT:
-            note += ": the speed figures are noisier than usual; time again with nothing else running"
-        note += "."
-    return note
 
 
 # CPU features that change what int8 / bf16 inference costs (VNNI, AMX, AVX-512, AVX2)

@@ -16,7 +16,7 @@ from matplotlib import ticker  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
-from tasks.benchmark import QualityResult, SpeedResult, speed_note  # noqa: E402
+from tasks.benchmark import QualityResult, SpeedResult  # noqa: E402
 from tasks.compress import StepFailure  # noqa: E402
 from tasks.variants import Variant  # noqa: E402
 
@@ -103,6 +103,22 @@ def add_frontiers(table: pd.DataFrame) -> pd.DataFrame:
 def metric_columns(table: pd.DataFrame) -> list[str]:
     """Every numeric column of a built table (the fixed ones plus one per held-out suite)."""
     return [c for c in table.columns if c not in TEXT_COLUMNS]
+
+
+def speed_note(speed: SpeedResult) -> str:
+    """How speed was timed, for the report under the table."""
+    repeats = len(next(iter(speed.all_timings_s.values())))
+    note = (
+        f"Speed: {speed.sentences} held-out sentences, batch {speed.batch_size}, {speed.threads} threads, "
+        f"{speed.cpu}; median of {repeats} interleaved repeats."
+    )
+    pct = speed.background_cpu_pct
+    if pct is not None:
+        note += f" Other processes used {pct:.0f}% of the machine's CPU while timing"
+        if speed.noisy:
+            note += ": the speed figures are noisier than usual; time again with nothing else running"
+        note += "."
+    return note
 
 
 def gpu_note(speed: SpeedResult) -> str:

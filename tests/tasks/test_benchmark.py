@@ -9,16 +9,12 @@ import numpy as np
 import pytest
 
 from tasks.benchmark import (
-    BACKGROUND_CPU_WARN_PCT,
     CpuWatch,
-    SpeedResult,
     agreement_spearman,
     evaluate_all,
     evaluate_group,
     measure_throughput,
     quality_key,
-    speed_metrics,
-    speed_note,
     teacher_on_cpu,
 )
 from tasks.config import BenchmarkConfig, DataConfig
@@ -202,25 +198,6 @@ def test_cpu_watch_counts_other_processes_work_not_its_own() -> None:
     assert busy.background_pct is not None and own.background_pct is not None
     assert busy.background_pct >= 0.6 * one_core  # one other process spinning: about one core's share
     assert own.background_pct < busy.background_pct - 0.3 * one_core
-
-
-@pytest.mark.parametrize(
-    ("pct", "metrics", "says"),
-    [
-        (None, {}, None),
-        (2.0, {"benchmark.background_cpu_pct": 2.0}, "Other processes used 2% of the machine's CPU while"),
-        (BACKGROUND_CPU_WARN_PCT + 30, {"benchmark.background_cpu_pct": 40.0}, "noisier than usual"),
-    ],
-)
-def test_the_report_says_how_busy_the_machine_was_while_timing(pct, metrics, says) -> None:
-    speed = SpeedResult({"teacher": 1.0}, {"teacher": [1.0, 1.0]}, 10, 8, 2, "cpu", background_cpu_pct=pct)
-    note = speed_note(speed)
-    assert note.startswith("Speed: 10 held-out sentences, batch 8, 2 threads, cpu; median of 2 interleaved")
-    assert speed_metrics(speed) == metrics
-    if says is None:
-        assert "Other processes" not in note
-    else:
-        assert says in note
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.benchmark import QualityResult, SpeedResult
+from tasks.benchmark import BACKGROUND_CPU_WARN_PCT, QualityResult, SpeedResult, speed_metrics
 from tasks.compress import StepFailure
 from tasks.report import (
     METRIC_COLUMNS,
@@ -18,6 +18,7 @@ from tasks.report import (
     pareto_mask,
     plot_bars,
     plot_tradeoff,
+    speed_note,
     summary_markdown,
 )
 from tasks.variants import Variant
@@ -255,3 +256,22 @@ def test_rows_that_saw_sts_labels_have_a_frontier_of_their_own() -> None:
     quality = [_quality(0.80, 90.0), _quality(0.79, 40.0), _quality(0.82, 40.0)]
     table = build_table(variants, quality, speed).set_index("variant")
     assert table["on_frontier"].to_dict() == {"teacher": True, "s": True, "cosent": True}
+
+
+@pytest.mark.parametrize(
+    ("pct", "metrics", "says"),
+    [
+        (None, {}, None),
+        (2.0, {"benchmark.background_cpu_pct": 2.0}, "Other processes used 2% of the machine's CPU while"),
+        (BACKGROUND_CPU_WARN_PCT + 30, {"benchmark.background_cpu_pct": 40.0}, "noisier than usual"),
+    ],
+)
+def test_the_report_says_how_busy_the_machine_was_while_timing(pct, metrics, says) -> None:
+    speed = SpeedResult({"teacher": 1.0}, {"teacher": [1.0, 1.0]}, 10, 8, 2, "cpu", background_cpu_pct=pct)
+    note = speed_note(speed)
+    assert note.startswith("Speed: 10 held-out sentences, batch 8, 2 threads, cpu; median of 2 interleaved")
+    assert speed_metrics(speed) == metrics
+    if says is None:
+        assert "Other processes" not in note
+    else:
+        assert says in note
